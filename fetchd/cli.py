@@ -1,0 +1,119 @@
+"""The command line: ``fetchd once``, ``fetchd run`` and ``fetchd check``.
+
+Exit status: 0 when everything worked, 1 when an account failed (one line per account says
+why), 2 when the configuration is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from fetchd import __version__
+from fetchd.config import Config, load
+from fetchd.errors import ConfigError
+from fetchd.state import State
+from fetchd.supervisor import Supervisor
+from fetchd.tls import context_for
+
+DEFAULT_CONFIG = "/etc/fetchd/fetchd.yaml"
+EXIT_OK, EXIT_ACCOUNT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        config = _load(args.config)
+    except ConfigError as e:
+        print(f"fetchd: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        for account in config.accounts:
+            print(
+                f"{account.name}: {account.protocol} {account.user}@{account.host}:"
+                f"{account.port} tls={account.tls.mode} -> smtp {account.deliver.host}:"
+                f"{account.deliver.port} for {', '.join(account.deliver.to)}"
+            )
+        print(f"{config.path}: ok, {len(config.accounts)} account(s)")
+        return EXIT_OK
+    try:
+        if args.command == "once":
+            return asyncio.run(_once(config))
+        return asyncio.run(_run(config))
+    except ConfigError as e:
+        print(f"fetchd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fetchd", description="Fetch mail from POP3/IMAP servers into the local MTA."
+    )
+    parser.add_argument("--version", action="version", version=f"fetchd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("FETCHD_CONFIG", DEFAULT_CONFIG),
+        help=f"configuration file (default: $FETCHD_CONFIG or {DEFAULT_CONFIG})",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    common.add_argument("-q", "--quiet", action="store_true", help="log only problems")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("once", parents=[common], help="poll every account once, then exit")
+    sub.add_parser("run", parents=[common], help="poll every account at its interval")
+    sub.add_parser("check", parents=[common], help="validate the configuration and exit")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    for noisy in ("aioimaplib", "aioimaplib.aioimaplib", "aiosmtplib", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(path: str) -> Config:
+    config = load(path)
+    for account in config.accounts:  # bad CA files are configuration errors, found now
+        context_for(account.tls)
+    return config
+
+
+async def _once(config: Config) -> int:
+    state = await State.open(config.state_file)
+    try:
+        outcomes = await Supervisor(config, state).run_once()
+    finally:
+        await state.close()
+    for outcome in outcomes:
+        print(outcome.line())
+    return EXIT_OK if all(o.ok for o in outcomes) else EXIT_ACCOUNT_FAILED
+
+
+async def _run(config: Config) -> int:
+    state = await State.open(config.state_file)
+    supervisor = Supervisor(config, state)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stop.set)
+    logging.getLogger("fetchd").info(
+        "fetchd %s running with %d account(s)", __version__, len(config.accounts)
+    )
+    try:
+        await supervisor.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await state.close()
+    logging.getLogger("fetchd").info("fetchd stopped")
+    return EXIT_OK

@@ -1,0 +1,524 @@
+"""The configuration: one YAML file turned into frozen dataclasses.
+
+Every value is checked here, once, so the rest of fetchd can trust it. Errors name the file, the
+line and the key path (``fetchd.yaml:12: accounts[0].tls.mode: ...``) because the person reading
+them is editing that file. Frozen dataclasses compare by value, which makes "did this account
+change?" a plain ``==`` when the configuration is reloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from fetchd.errors import ConfigError
+
+Protocol = Literal["pop3", "imap"]
+TLSMode = Literal["implicit", "starttls", "none"]
+
+DEFAULT_PORTS: dict[tuple[str, str], int] = {
+    ("imap", "implicit"): 993,
+    ("imap", "starttls"): 143,
+    ("imap", "none"): 143,
+    ("pop3", "implicit"): 995,
+    ("pop3", "starttls"): 110,
+    ("pop3", "none"): 110,
+}
+IMPLICIT_TLS_PORTS = frozenset({993, 995})
+
+
+class Secret:
+    """A password that never shows up in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """How to secure one connection. Hashable: equal settings share one SSLContext."""
+
+    mode: TLSMode = "implicit"
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where retrieved messages go: an SMTP listener and the envelope recipients."""
+
+    host: str
+    port: int
+    to: tuple[str, ...]
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    protocol: Protocol
+    host: str
+    port: int
+    user: str
+    password: Secret = field(repr=False)
+    tls: TLSSettings
+    deliver: Delivery
+    folders: tuple[str, ...] = ("INBOX",)
+    keep: bool = False
+    interval: float = 300.0
+    timeout: float = 60.0
+
+    def where(self) -> str:
+        """How error messages name this account: ``name (user@host:port)``."""
+        return f"{self.name} ({self.user}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    state_file: str
+    accounts: tuple[Account, ...]
+    max_connections: int = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML with positions
+
+
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.file = path
+        self.base = Path(path).resolve().parent
+
+    def error(self, node: Node | None, where: str, message: str) -> ConfigError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        prefix = f"{where}: " if where else ""
+        return ConfigError(f"{self.file}{line}: {prefix}{message}")
+
+    def value(self, node: Node) -> Any:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+
+    def path(self, raw: str) -> str:
+        """Relative paths in the file are relative to the file, not to the working directory."""
+        p = Path(os.path.expanduser(raw))
+        return str(p if p.is_absolute() else self.base / p)
+
+
+def _mapping_entries(ctx: _Ctx, node: Node, where: str) -> dict[str, tuple[Node, Node]]:
+    if not isinstance(node, MappingNode):
+        raise ctx.error(node, where, "must be a mapping of keys to values")
+    entries: dict[str, tuple[Node, Node]] = {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            raise ctx.error(key, where, "YAML merge keys (<<) are not supported; use defaults:")
+        if not isinstance(key, ScalarNode) or key.tag != _STR:
+            raise ctx.error(key, where, "keys must be plain words")
+        if key.value in entries:
+            raise ctx.error(key, _join(where, key.value), "given twice")
+        entries[key.value] = (key, value)
+    return entries
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _merge_defaults(ctx: _Ctx, defaults: Node | None, own: Node, where: str) -> Node:
+    """Overlay an account on ``defaults:``; nested mappings merge, everything else is replaced."""
+    if defaults is None:
+        return own
+    base = _mapping_entries(ctx, defaults, "defaults")
+    mine = _mapping_entries(ctx, own, where)
+    merged: dict[str, tuple[Node, Node]] = dict(base)
+    if _PASSWORD_KEYS & mine.keys():  # an account's own password source replaces the default
+        for key in _PASSWORD_KEYS:
+            merged.pop(key, None)
+    for key, (knode, vnode) in mine.items():
+        if key in base and isinstance(vnode, MappingNode) and isinstance(base[key][1], MappingNode):
+            vnode = _merge_defaults(ctx, base[key][1], vnode, _join(where, key))
+        merged[key] = (knode, vnode)
+    return MappingNode("tag:yaml.org,2002:map", list(merged.values()), own.start_mark, own.end_mark)
+
+
+class _Section:
+    """One mapping being read; remembers which keys were used so leftovers are errors."""
+
+    def __init__(self, ctx: _Ctx, node: Node | None, where: str) -> None:
+        self.ctx = ctx
+        self.node = node
+        self.where = where
+        self.entries = {} if node is None else _mapping_entries(ctx, node, where)
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.entries and self.entries[key][1].tag != _NULL
+
+    def node_of(self, key: str) -> Node | None:
+        self.used.add(key)
+        entry = self.entries.get(key)
+        return entry[1] if entry else None
+
+    def error(self, key: str, message: str) -> ConfigError:
+        node = self.entries[key][1] if key in self.entries else self.node
+        return self.ctx.error(node, _join(self.where, key) if key else self.where, message)
+
+    def _get(self, key: str, default: T, kind: str, check: Callable[[Any], bool]) -> Any:
+        node = self.node_of(key)
+        if node is None or node.tag == _NULL:
+            if default is _MISSING:
+                raise self.ctx.error(self.node, self.where, f"{key!r} is required")
+            return default
+        value = self.ctx.value(node)
+        if not check(value):
+            raise self.error(key, f"must be {kind}, not {_show(value)}")
+        return value
+
+    def text(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default, "a text", lambda v: isinstance(v, str))
+        if isinstance(value, str):
+            if not value.strip():
+                raise self.error(key, "must not be empty")
+            if re.search(r"[\x00-\x1f\x7f]", value):
+                raise self.error(key, "must not contain control characters")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        result: bool = self._get(key, default, "true or false", lambda v: isinstance(v, bool))
+        return result
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._get(
+            key,
+            default,
+            "a number",
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        )
+        if not low <= value <= high:
+            raise self.error(key, f"must be between {low:g} and {high:g}, not {value}")
+        return float(value)
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._get(
+            key, default, "a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+        )
+        if not low <= value <= high:
+            raise self.error(key, f"must be between {low} and {high}, not {value}")
+        result: int = value
+        return result
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.text(key, default)
+        if value is not None and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, not {_show(value)}")
+        return value
+
+    def text_list(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        node = self.node_of(key)
+        if node is None or node.tag == _NULL:
+            return default
+        if isinstance(node, ScalarNode):  # a single item written without brackets
+            return (self.text(key),)
+        if not isinstance(node, SequenceNode):
+            raise self.error(key, "must be a list")
+        items: list[str] = []
+        for i, item in enumerate(node.value):
+            value = self.ctx.value(item)
+            where = f"{_join(self.where, key)}[{i}]"
+            if not isinstance(value, str) or not value.strip():
+                raise self.ctx.error(item, where, f"must be a non-empty text, not {_show(value)}")
+            if re.search(r"[\x00-\x1f\x7f]", value):
+                raise self.ctx.error(item, where, "must not contain control characters")
+            items.append(value)
+        if not items:
+            raise self.error(key, "must not be an empty list")
+        return tuple(items)
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.ctx, self.node_of(key), _join(self.where, key))
+
+    def done(self) -> None:
+        for key in self.entries:
+            if key not in self.used:
+                hint = difflib.get_close_matches(key, self.known, n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise self.ctx.error(
+                    self.entries[key][0], _join(self.where, key), f"unknown key{extra}"
+                )
+
+    known: tuple[str, ...] = ()
+
+    def expect(self, *keys: str) -> _Section:
+        """Declare the keys this mapping may hold (for the "did you mean" hint)."""
+        self.known = keys
+        return self
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+_TOP_KEYS = ("state_file", "max_connections", "defaults", "accounts")
+_ACCOUNT_KEYS = (
+    "name",
+    "protocol",
+    "host",
+    "port",
+    "user",
+    "password",
+    "password_file",
+    "password_env",
+    "tls",
+    "folders",
+    "keep",
+    "deliver",
+    "interval",
+    "timeout",
+)
+_PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
+_TLS_KEYS = ("mode", "ca_file", "server_name", "allow_plaintext")
+_DELIVER_KEYS = ("smtp", "to", "timeout")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._:-]+)$")
+_ADDRESS_RE = re.compile(r"^[^\s<>()\[\],;:\"@]+(@[A-Za-z0-9.\-\[\]:]+)?$")
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, check and freeze a configuration file.
+
+    Raises ConfigError for anything wrong, with file, line and key path in the message.
+    """
+    path = os.fspath(path)
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    ctx = _Ctx(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+            file_mode = os.fstat(f.fileno()).st_mode
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
+    if root is None:
+        raise ConfigError(f"{path}: the file is empty; it needs at least 'accounts:'")
+
+    top = _Section(ctx, root, "").expect(*_TOP_KEYS)
+    state_file = ctx.path(top.text("state_file", _default_state_file(env)))
+    max_connections = top.integer("max_connections", 50, 1, 100_000)
+    defaults_node = top.node_of("defaults")
+    if defaults_node is not None and defaults_node.tag != _NULL:
+        # Checked on its own so a mistake in defaults: is reported where it was written.
+        for key, (knode, _) in _mapping_entries(ctx, defaults_node, "defaults").items():
+            if key not in _ACCOUNT_KEYS or key == "name":
+                raise ctx.error(knode, f"defaults.{key}", "cannot be set in defaults")
+    else:
+        defaults_node = None
+
+    accounts_node = top.node_of("accounts")
+    if accounts_node is None or not isinstance(accounts_node, SequenceNode):
+        raise ctx.error(accounts_node or root, "accounts", "must be a list of accounts")
+    if not accounts_node.value:
+        raise ctx.error(accounts_node, "accounts", "lists no account")
+    top.done()
+
+    accounts: list[Account] = []
+    names: dict[str, Node] = {}
+    for i, node in enumerate(accounts_node.value):
+        where = f"accounts[{i}]"
+        merged = _merge_defaults(ctx, defaults_node, node, where)
+        account = _account(ctx, _Section(ctx, merged, where).expect(*_ACCOUNT_KEYS), env)
+        if account.name in names:
+            raise ctx.error(node, where, f"account name {account.name!r} is used twice")
+        names[account.name] = node
+        if "password" in _mapping_entries(ctx, node, where) and file_mode & stat.S_IROTH:
+            raise ctx.error(
+                node,
+                f"{where}.password",
+                "the file holds a password and is readable by everyone: "
+                "chmod o-r it, or use password_file",
+            )
+        accounts.append(account)
+    return Config(
+        path=path,
+        state_file=state_file,
+        accounts=tuple(accounts),
+        max_connections=max_connections,
+    )
+
+
+def _default_state_file(env: Mapping[str, str]) -> str:
+    if env.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return os.path.join(env["STATE_DIRECTORY"].split(":")[0], "state.sqlite3")
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "fetchd", "state.sqlite3")
+
+
+def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
+    protocol = s.choice("protocol", ("pop3", "imap"))
+    host = s.text("host")
+    if not _HOST_RE.match(host):
+        raise s.error("host", f"is not a host name or address: {host!r}")
+    user = s.text("user")
+    name = s.text("name", f"{user}@{host}")
+    if not _NAME_RE.match(name):
+        raise s.error("name", "may use letters, digits and . _ @ + - (at most 128)")
+
+    tls_s = s.section("tls").expect(*_TLS_KEYS)
+    port_given = s.has("port")
+    port = s.integer("port", 0, 1, 65535) if port_given else 0
+    default_mode = "starttls" if port_given and port not in IMPLICIT_TLS_PORTS else "implicit"
+    mode = tls_s.choice("mode", ("implicit", "starttls", "none"), default_mode)
+    allow_plaintext = tls_s.flag("allow_plaintext", False)
+    if mode == "none" and not allow_plaintext:
+        raise tls_s.error(
+            "mode",
+            "'none' sends the password unencrypted; also set allow_plaintext: true "
+            "if that is really wanted",
+        )
+    ca_file = tls_s.text("ca_file", None)
+    if ca_file is not None:
+        ca_file = ctx.path(ca_file)
+        if not os.path.isfile(ca_file):
+            raise tls_s.error("ca_file", f"no such file: {ca_file}")
+    server_name = tls_s.text("server_name", None)
+    tls_s.done()
+    if not port_given:
+        port = DEFAULT_PORTS[(protocol, mode)]
+
+    password = _password(ctx, s, env)
+    folders = s.text_list("folders", ("INBOX",))
+    if protocol == "pop3" and s.has("folders"):
+        raise s.error("folders", "POP3 has no folders; remove this key or use protocol: imap")
+    keep = s.flag("keep", False)
+    interval = s.number("interval", 300.0, 1.0, 7 * 86400.0)
+    timeout = s.number("timeout", 60.0, 1.0, 3600.0)
+
+    d = s.section("deliver").expect(*_DELIVER_KEYS)
+    if d.node is None:
+        raise s.error("deliver", "is required: where should the mail go? e.g. smtp: localhost:25")
+    smtp = d.text("smtp", "localhost:25")
+    smtp_host, smtp_port = _host_port(smtp, 25, lambda m: d.error("smtp", m))
+    to = d.text_list("to", ())
+    if not to:
+        raise d.error("to", "is required: the local address(es) to deliver to")
+    for i, address in enumerate(to):
+        if not _ADDRESS_RE.match(address):
+            raise d.error("to", f"item {i} is not a mail address: {address!r}")
+    deliver_timeout = d.number("timeout", 600.0, 1.0, 3600.0)
+    d.done()
+    s.done()
+    return Account(
+        name=name,
+        protocol=protocol,
+        host=host,
+        port=port,
+        user=user,
+        password=password,
+        tls=TLSSettings(mode=mode, ca_file=ca_file, server_name=server_name),
+        deliver=Delivery(host=smtp_host, port=smtp_port, to=to, timeout=deliver_timeout),
+        folders=folders,
+        keep=keep,
+        interval=interval,
+        timeout=timeout,
+    )
+
+
+def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
+    given = [k for k in ("password", "password_file", "password_env") if s.has(k)]
+    for k in ("password", "password_file", "password_env"):
+        s.used.add(k)
+    if not given:
+        raise ctx.error(s.node, s.where, "needs password_file, password_env or password")
+    if len(given) > 1:
+        raise s.error(given[1], f"give only one of {', '.join(given)}")
+    key = given[0]
+    value = s.text(key)
+    if key == "password":
+        return Secret(value)
+    if key == "password_env":
+        if value not in env:
+            raise s.error(key, f"environment variable {value} is not set")
+        return Secret(env[value])
+    path = ctx.path(value)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4096)
+    except OSError as e:
+        raise s.error(key, f"cannot read {path}: {e.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise s.error(key, f"{path} is readable or writable by everyone: chmod 600 it")
+    try:
+        secret = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise s.error(key, f"{path} is not UTF-8 text") from None
+    if not secret:
+        raise s.error(key, f"{path} is empty")
+    return Secret(secret)
+
+
+def _host_port(text: str, default_port: int, fail: Callable[[str], ConfigError]) -> tuple[str, int]:
+    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\s\[\]]+)(?::(\d+))?", text.strip())
+    if not m:
+        raise fail(f"must be host or host:port, not {text!r}")
+    host = m.group(1) or m.group(3)
+    port_text = m.group(2) or m.group(4)
+    port = int(port_text) if port_text else default_port
+    if not 1 <= port <= 65535:
+        raise fail(f"port must be between 1 and 65535, not {port}")
+    return host, port
+
+
+def iter_secrets(config: Config) -> Iterator[str]:
+    """Every secret in a config (for tests and log scrubbing)."""
+    for account in config.accounts:
+        yield account.password.reveal()

@@ -1,0 +1,464 @@
+"""IMAP through aioimaplib, with the library's sharp edges wrapped.
+
+aioimaplib lacks STARTTLS, AUTHENTICATE PLAIN, an SNI name other than the host, and it never
+fails pending commands when the connection drops; it also formats every received chunk for a
+debug log nobody reads. The subclasses below add what is missing. Every call is bounded by a
+deadline, and after any error the connection is closed and thrown away, never reused.
+
+Library exceptions stop here: callers see only fetchd's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aioimaplib
+
+from fetchd.errors import PermanentError, ProtocolError, TemporaryError
+from fetchd.tls import tls_description, translate_tls_error
+
+# The library logs whole message bodies at DEBUG; never let them reach a log file.
+logging.getLogger("aioimaplib").setLevel(logging.WARNING)
+logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.WARNING)
+
+T = TypeVar("T")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
+_EXISTS = re.compile(rb"^(\d+) EXISTS$")
+_FETCH_UID = re.compile(rb"\bUID (\d+)\b")
+_LITERAL = re.compile(rb"BODY\[\] \{(\d+)\}$")
+
+
+class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
+    """aioimaplib's protocol plus a STARTTLS guard, SASL continuations and fail-fast."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.starttls_tag: str | None = None
+        self.starttls_answered = False
+        self.injected = False
+        self.sasl_responses: list[bytes] = []
+        self.lost: BaseException | None = None
+        self.incomplete_line: bytes = b""
+        self.current_command: Any = None
+
+    def data_received(self, d: bytes) -> None:
+        # Same as the library's, without formatting every chunk for a disabled debug log.
+        if self.starttls_answered:
+            self.injected = True  # bytes after the STARTTLS reply, before the handshake
+            return
+        try:
+            self._handle_responses(
+                self.incomplete_line + d, self._handle_line, self.current_command
+            )
+            self.incomplete_line = b""
+            self.current_command = None
+        except aioimaplib.IncompleteRead as incomplete:
+            self.current_command = incomplete.cmd
+            self.incomplete_line = incomplete.data
+        except Exception as e:  # a parse failure: fail every waiter instead of hanging them
+            self._fail_all(ProtocolError(f"unparsable server response: {e}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
+        if self.starttls_answered:
+            self.injected = True
+            return None
+        result = super()._handle_line(line, current_cmd)
+        if self.starttls_tag and line.startswith(self.starttls_tag.encode() + b" "):
+            self.starttls_answered = True
+        return result
+
+    def _continuation(self, line: bytes) -> None:
+        pending = self.pending_sync_command
+        if pending is not None and pending.name == "AUTHENTICATE":
+            # Answer the SASL challenge; an unexpected one is cancelled with "*".
+            answer = self.sasl_responses.pop(0) if self.sasl_responses else b"*"
+            self.transport.write(answer + b"\r\n")
+            return
+        super()._continuation(line)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("connection closed by the server")
+        self._fail_all(TemporaryError("connection closed by the server"))
+        super().connection_lost(exc)
+
+    def _fail_all(self, error: Exception) -> None:
+        commands = list(self.pending_async_commands.values())
+        if self.pending_sync_command is not None:
+            commands.append(self.pending_sync_command)
+        for command in commands:
+            if command is not None and not command._event.is_set():
+                command._exception = error
+                command.close(b"", "KO")
+
+
+class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
+    """aioimaplib's client with our protocol and a configurable SNI/verification name."""
+
+    def __init__(self, *args: Any, server_hostname: str, **kwargs: Any) -> None:
+        self._server_hostname = server_hostname
+        super().__init__(*args, **kwargs)
+
+    def create_client(
+        self,
+        host: str,
+        port: int,
+        loop: asyncio.AbstractEventLoop | None,
+        conn_lost_cb: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        loop = loop or asyncio.get_running_loop()
+        protocol = self.protocol = _Protocol(loop, conn_lost_cb)
+        self._client_task = loop.create_task(
+            loop.create_connection(
+                lambda: protocol,
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=self._server_hostname if ssl_context else None,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    uidvalidity: int
+    uidnext: int | None
+    exists: int
+
+
+class IMAPClient:
+    """One IMAP session. Create it with :meth:`connect`; close it after any error."""
+
+    def __init__(self, client: _Client, *, where: str, timeout: float) -> None:
+        self._client = client
+        self._proto: _Protocol = client.protocol
+        self.where = where
+        self.timeout = timeout
+        self.tls = self._tls_info()
+
+    @property
+    def capabilities(self) -> set[str]:
+        return {c.upper() for c in self._proto.capabilities}
+
+    @property
+    def peer(self) -> str | None:
+        """The server's IP address, for the Received header."""
+        transport = self._proto.transport
+        peername = transport.get_extra_info("peername") if transport else None
+        return str(peername[0]) if isinstance(peername, tuple) and peername else None
+
+    def _tls_info(self) -> str:
+        transport = self._proto.transport
+        return tls_description(transport.get_extra_info("ssl_object") if transport else None)
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        starttls: bool,
+        server_hostname: str,
+        io_timeout: float,
+        where: str,
+    ) -> IMAPClient:
+        """Connect, read the greeting and capabilities, and secure the session.
+
+        With ``starttls``: a PREAUTH greeting, a missing STARTTLS capability, a refusal, or any
+        byte between the server's OK and the handshake aborts before credentials are sent.
+        """
+        implicit = ssl_context is not None and not starttls
+        timeout = io_timeout
+        try:
+            raw = _Client(
+                host,
+                port,
+                timeout=timeout,
+                ssl_context=ssl_context if implicit else None,
+                server_hostname=server_hostname,
+            )
+        except ValueError as e:
+            raise PermanentError(f"{where}: {e}") from None
+        self = cls(raw, where=where, timeout=timeout)
+        try:
+            await self._call("connect", raw._client_task, server_hostname=server_hostname)
+            await self._call("greeting", self._proto.wait("AUTH|NONAUTH"))
+            self.tls = self._tls_info()
+            if starttls:
+                assert ssl_context is not None
+                await self._starttls(ssl_context, server_hostname)
+            elif self._proto.state == aioimaplib.AUTH and ssl_context is None:
+                pass  # PREAUTH on an explicitly plaintext connection is the user's choice
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def _starttls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+        p = self._proto
+        if p.state == aioimaplib.AUTH:
+            raise PermanentError(
+                f"{self.where}: server greeted with PREAUTH, so STARTTLS is impossible and the "
+                "session would stay unencrypted; refusing it"
+            )
+        if "STARTTLS" not in self.capabilities:
+            raise PermanentError(
+                f"{self.where}: server does not offer STARTTLS, and TLS is required; "
+                "no password was sent"
+            )
+        p.starttls_tag = p.new_tag()
+        command = aioimaplib.Command("STARTTLS", p.starttls_tag, loop=p.loop)
+        response = await self._call("STARTTLS", p.execute(command))
+        if response.result != "OK":
+            raise PermanentError(
+                f"{self.where}: server refused STARTTLS ({_text(response)}); no password was sent"
+            )
+        if p.injected or p.incomplete_line:
+            raise ProtocolError(
+                f"{self.where}: server sent data right after agreeing to STARTTLS; refusing "
+                "the connection (possible injection attack)"
+            )
+        try:
+            async with asyncio.timeout(self.timeout):
+                p.transport = await p.loop.start_tls(
+                    p.transport,
+                    p,
+                    ctx,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=self.timeout,
+                )
+        except ssl.SSLError as e:
+            raise translate_tls_error(e, server_hostname) from None
+        except (OSError, TimeoutError) as e:
+            raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
+        if p.injected:
+            raise ProtocolError(f"{self.where}: unencrypted data arrived during the TLS handshake")
+        p.starttls_answered = False
+        p.starttls_tag = None
+        p.capabilities = set()  # what was said in plaintext is forgotten
+        self.tls = self._tls_info()
+        await self._call("CAPABILITY", p.capability())
+
+    async def _call(self, what: str, awaitable: Awaitable[T], server_hostname: str = "") -> T:
+        """Await one library call under the deadline, translating whatever it raises."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await awaitable
+        except (TemporaryError, PermanentError):
+            raise
+        except TimeoutError:
+            raise TemporaryError(
+                f"{self.where}: no answer to {what} within {self.timeout:g} s"
+            ) from None
+        except ssl.SSLError as e:
+            raise translate_tls_error(e, server_hostname or self.where) from None
+        except OSError as e:
+            raise TemporaryError(f"{self.where}: {what} failed: {e.strerror or e}") from None
+        except aioimaplib.CommandTimeout:
+            raise TemporaryError(f"{self.where}: {what} timed out") from None
+        except (aioimaplib.AioImapException, ValueError) as e:
+            raise ProtocolError(f"{self.where}: {what} failed: {e}") from None
+
+    def close(self) -> None:
+        transport = self._proto.transport
+        if transport is not None:
+            transport.close()
+        task = getattr(self._client, "_client_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def login(self, user: str, password: str) -> None:
+        """AUTHENTICATE PLAIN when offered (UTF-8 safe), else LOGIN with quoted arguments."""
+        p = self._proto
+        if p.state == aioimaplib.AUTH:
+            return  # PREAUTH on a connection the user chose to leave plaintext
+        caps = self.capabilities
+        if "AUTH=PLAIN" in caps:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            if "SASL-IR" in caps:
+                command = aioimaplib.Command(
+                    "AUTHENTICATE", p.new_tag(), "PLAIN", token, loop=p.loop
+                )
+            else:
+                p.sasl_responses = [token.encode("ascii")]
+                command = aioimaplib.Command("AUTHENTICATE", p.new_tag(), "PLAIN", loop=p.loop)
+        elif "LOGINDISABLED" in caps:
+            raise PermanentError(
+                f"{self.where}: server disables LOGIN here and offers no AUTHENTICATE PLAIN"
+            )
+        else:
+            try:
+                user.encode("ascii")
+                password.encode("ascii")
+            except UnicodeEncodeError:
+                raise PermanentError(
+                    f"{self.where}: non-ASCII user or password needs AUTHENTICATE PLAIN, "
+                    "which this server does not offer"
+                ) from None
+            command = aioimaplib.Command(
+                "LOGIN", p.new_tag(), _quote(user), _quote(password), loop=p.loop
+            )
+        try:
+            response = await self._call("login", p.execute(command))
+        finally:
+            p.sasl_responses = []
+        if response.result != "OK":
+            text = _text(response)
+            if "[UNAVAILABLE]" in text or "[INUSE]" in text:
+                raise TemporaryError(f"{self.where}: login refused for now: {text}")
+            raise PermanentError(f"{self.where}: login failed: {text}")
+        p.state = aioimaplib.AUTH
+        await self._call("CAPABILITY", p.capability())
+
+    async def select(self, folder: str) -> FolderStatus:
+        p = self._proto
+        response = await self._call(f"SELECT {folder}", p.select(_quote(encode_mailbox(folder))))
+        if response.result != "OK":
+            raise TemporaryError(f"{self.where}: cannot open folder {folder!r}: {_text(response)}")
+        uidvalidity = uidnext = exists = None
+        for line in response.lines:
+            if not isinstance(line, bytes | bytearray):
+                continue
+            if m := _UIDVALIDITY.search(line):
+                uidvalidity = int(m.group(1))
+            if m := _UIDNEXT.search(line):
+                uidnext = int(m.group(1))
+            if m := _EXISTS.match(line):
+                exists = int(m.group(1))
+        if uidvalidity is None:
+            raise ProtocolError(f"{self.where}: server gave no UIDVALIDITY for {folder!r}")
+        return FolderStatus(uidvalidity, uidnext, exists or 0)
+
+    async def uids(self) -> list[int]:
+        """Every UID in the selected folder."""
+        p = self._proto
+        response = await self._call("UID SEARCH", p.search("ALL", charset=None, by_uid=True))
+        if response.result != "OK":
+            raise TemporaryError(f"{self.where}: UID SEARCH failed: {_text(response)}")
+        return _search_result(response.lines)
+
+    async def fetch(self, uid: int) -> bytes:
+        """The whole message, byte-exact, without setting \\Seen."""
+        p = self._proto
+        response = await self._call(
+            f"UID FETCH {uid}",
+            p.fetch(str(uid), "(UID RFC822.SIZE BODY.PEEK[])", by_uid=True, timeout=self.timeout),
+        )
+        if response.result != "OK":
+            raise TemporaryError(f"{self.where}: fetching UID {uid} failed: {_text(response)}")
+        lines = response.lines
+        for i, line in enumerate(lines[:-1]):
+            if not isinstance(line, bytes) or b"FETCH" not in line:
+                continue
+            m_uid = _FETCH_UID.search(line)
+            m_lit = _LITERAL.search(line)
+            if m_lit and m_uid and int(m_uid.group(1)) == uid:
+                body = lines[i + 1]
+                if not isinstance(body, bytes | bytearray) or len(body) != int(m_lit.group(1)):
+                    raise ProtocolError(f"{self.where}: UID {uid}: literal length mismatch")
+                return bytes(body)
+        raise ProtocolError(f"{self.where}: server sent no body for UID {uid}")
+
+    async def delete(self, uids: Iterable[int]) -> None:
+        """Flag the messages \\Deleted and expunge exactly those (UIDPLUS), never others."""
+        wanted = sorted(set(uids))
+        if not wanted:
+            return
+        uid_set = compress_uids(wanted)
+        p = self._proto
+        response = await self._call(
+            "UID STORE", p.store(uid_set, "+FLAGS.SILENT", r"(\Deleted)", by_uid=True)
+        )
+        if response.result != "OK":
+            raise TemporaryError(f"{self.where}: cannot flag messages deleted: {_text(response)}")
+        if "UIDPLUS" in self.capabilities:
+            response = await self._call("UID EXPUNGE", p.expunge(uid_set, by_uid=True))
+        else:
+            # Plain EXPUNGE removes every \Deleted message: only when all of them are ours.
+            found = await self._call(
+                "UID SEARCH DELETED", p.search("DELETED", charset=None, by_uid=True)
+            )
+            if found.result != "OK" or not set(_search_result(found.lines)) <= set(wanted):
+                return  # others' deletions pending: leave ours flagged for a later expunge
+            response = await self._call("EXPUNGE", p.expunge())
+        if response.result != "OK":
+            raise TemporaryError(f"{self.where}: EXPUNGE failed: {_text(response)}")
+
+    async def logout(self) -> None:
+        try:
+            await self._call("LOGOUT", self._proto.logout())
+        except (TemporaryError, ProtocolError):
+            pass  # the server may close first; nothing is lost by that
+        finally:
+            self.close()
+
+
+def _search_result(lines: list[Any]) -> list[int]:
+    uids: list[int] = []
+    for line in lines[:-1]:
+        if isinstance(line, bytes | bytearray):
+            words = bytes(line).split()
+            if words and words[0].upper() == b"SEARCH":
+                words = words[1:]
+            uids.extend(int(w) for w in words if w.isdigit())
+    return uids
+
+
+def compress_uids(uids: list[int]) -> str:
+    """``[1, 2, 3, 7]`` → ``"1:3,7"``; input sorted and unique."""
+    runs: list[list[int]] = []
+    for uid in uids:
+        if runs and uid == runs[-1][1] + 1:
+            runs[-1][1] = uid
+        else:
+            runs.append([uid, uid])
+    return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in runs)
+
+
+def _quote(text: str) -> str:
+    """An IMAP quoted string (RFC 3501 §4.3)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def encode_mailbox(name: str) -> str:
+    """Modified UTF-7 (RFC 3501 §5.1.3) for folder names outside printable ASCII."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            raw = "".join(pending).encode("utf-16-be")
+            out.append(
+                "&" + base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",") + "-"
+            )
+            pending.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def _text(response: Any) -> str:
+    lines = getattr(response, "lines", None) or [b""]
+    last = lines[-1]
+    raw = bytes(last) if isinstance(last, bytes | bytearray) else str(last).encode()
+    text = raw.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)[:200] or "(no text)"

@@ -1,0 +1,76 @@
+"""What fetchd reads from and adds to a message: pure functions over bytes.
+
+Messages are never parsed into objects and re-serialised: headers are not decoded, re-folded
+or re-encoded. fetchd only looks for the envelope sender and prepends one trace header.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from fetchd import __version__
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_RETURN_PATH = re.compile(rb"(?im)^Return-Path:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)")
+_ANGLE = re.compile(rb"<([^<>]*)>")
+_ADDRESS = re.compile(r"^[!-~]+@[!-~]+$|^[!-~]+$")
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
+_HIGH_BIT = re.compile(rb"[\x80-\xff]")
+
+
+def header_section(message: bytes) -> bytes:
+    """The header part: everything before the first empty line (all of it if there is none)."""
+    m = _HEADER_END.search(message)
+    return message[: m.start() + 1] if m else message
+
+
+def envelope_sender(message: bytes) -> str:
+    """The sender for MAIL FROM: the first Return-Path, or "" (the null sender).
+
+    A missing, empty (``<>``) or unusable Return-Path gives the null sender, which an MTA
+    always accepts and which never causes a bounce to a forged address.
+    """
+    m = _RETURN_PATH.search(header_section(message))
+    if not m:
+        return ""
+    value = re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip()
+    angle = _ANGLE.search(value)
+    raw = angle.group(1) if angle else value
+    try:
+        address = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return ""
+    if not address or not _ADDRESS.match(address) or any(c in address for c in '<>()[],;\\"'):
+        return ""
+    return address
+
+
+def has_8bit(message: bytes) -> bool:
+    return _HIGH_BIT.search(message) is not None
+
+
+def received_header(
+    *,
+    server: str,
+    server_ip: str | None,
+    local_host: str,
+    protocol: str,
+    tls: str,
+    recipients: tuple[str, ...],
+    message_id: str,
+    account: str,
+    when: datetime | None = None,
+) -> bytes:
+    """An RFC 5321-style trace header saying where fetchd got the message, and how."""
+    when = when or datetime.now(UTC).astimezone()
+    peer = f"{server} ({server} [{server_ip}])" if server_ip else server
+    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    ident = _TOKEN_UNSAFE.sub("_", message_id)[:80] or "unknown"
+    return (
+        f"Received: from {peer}\r\n"
+        f"\tby {local_host} (fetchd {__version__}, account {_TOKEN_UNSAFE.sub('_', account)})"
+        f"\r\n\twith {protocol} ({tls}) id {ident}{rcpt};\r\n"
+        f"\t{format_datetime(when)}\r\n"
+    ).encode()

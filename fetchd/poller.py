@@ -1,0 +1,212 @@
+"""One poll of one account: the only place that decides what happens to each message.
+
+The order per message is always: fetch → deliver → record in the state → delete on the server.
+A crash anywhere re-delivers at most the messages in hand; nothing is deleted that the MTA has
+not accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fetchd.config import Account
+from fetchd.deliver import SMTPDelivery
+from fetchd.errors import DeliveryDeferred, MessageRejected
+from fetchd.imap import IMAPClient
+from fetchd.message import envelope_sender, received_header
+from fetchd.pop3.client import POP3Client
+from fetchd.state import State
+from fetchd.tls import context_for, server_name
+
+log = logging.getLogger("fetchd.poll")
+
+
+@dataclass(slots=True)
+class PollResult:
+    """What one poll did, for the log line and the exit status."""
+
+    fetched: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    deleted: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.delivered} delivered"]
+        if self.deleted:
+            parts.append(f"{self.deleted} deleted on the server")
+        if self.rejected:
+            parts.append(f"{self.rejected} refused by the MTA (kept on the server)")
+        return ", ".join(parts)
+
+
+class Poller:
+    """Polls one account once. ``stopping()`` is checked between messages."""
+
+    def __init__(
+        self, account: Account, state: State, stopping: Callable[[], bool] = lambda: False
+    ) -> None:
+        self.account = account
+        self.state = state
+        self.stopping = stopping
+        self.result = PollResult()
+        self.where = f"account {account.where()}"
+        self.delivery = SMTPDelivery(
+            account.deliver, connect_timeout=account.timeout, where=self.where
+        )
+
+    async def poll(self) -> PollResult:
+        try:
+            if self.account.protocol == "pop3":
+                await self._poll_pop3()
+            else:
+                await self._poll_imap()
+        finally:
+            await self.delivery.close()
+        return self.result
+
+    async def _deliver(
+        self, body: bytes, *, protocol: str, tls: str, peer: str | None, ident: str
+    ) -> bool:
+        """Deliver one message; False if the MTA refused it for good (it stays on the server).
+
+        Raises DeliveryDeferred when the MTA cannot take it now.
+        """
+        a = self.account
+        header = received_header(
+            server=a.host,
+            server_ip=peer,
+            local_host=self.delivery.local_hostname,
+            protocol=protocol,
+            tls=tls,
+            recipients=a.deliver.to,
+            message_id=ident,
+            account=a.name,
+        )
+        self.result.fetched += 1
+        self.result.bytes += len(body)
+        try:
+            await self.delivery.deliver(header + body, envelope_sender(body))
+        except MessageRejected as e:
+            self.result.rejected += 1
+            self.result.problems.append(str(e))
+            log.warning("%s", e)
+            return False
+        self.result.delivered += 1
+        return True
+
+    # -- POP3 ---------------------------------------------------------------------------------
+
+    async def _poll_pop3(self) -> None:
+        a = self.account
+        client = await POP3Client.connect(
+            a.host,
+            a.port,
+            ssl_context=context_for(a.tls),
+            starttls=a.tls.mode == "starttls",
+            server_hostname=server_name(a),
+            io_timeout=a.timeout,
+            where=self.where,
+        )
+        try:
+            await client.login(a.user, a.password.reveal())
+            listing = await client.listing()
+            seen = await self.state.seen(a.name, "", 0)
+            new = [m for m in listing if m.uid not in seen]
+            done = [m for m in listing if m.uid in seen]  # delivered before, still there
+            deferred: DeliveryDeferred | None = None
+            async for msg, body in client.retrieve(new):
+                try:
+                    ok = await self._deliver(
+                        body, protocol="POP3", tls=client.tls, peer=client.peer, ident=msg.uid
+                    )
+                except DeliveryDeferred as e:
+                    deferred = e  # the MTA is unwell: stop, but delete what it did accept
+                    break
+                if ok:
+                    await self.state.record(a.name, "", 0, msg.uid)
+                    done.append(msg)
+                if self.stopping():
+                    break
+            if not a.keep:
+                await client.delete(m.number for m in done)
+            await client.quit()  # deletions take effect only now
+            on_server = {m.uid for m in listing}
+            if not a.keep:
+                self.result.deleted += len(done)
+                on_server -= {m.uid for m in done}
+            await self.state.forget(a.name, "", 0, seen - on_server)
+            if deferred is not None:
+                raise deferred
+        finally:
+            client.close()
+
+    # -- IMAP ---------------------------------------------------------------------------------
+
+    async def _poll_imap(self) -> None:
+        a = self.account
+        client = await IMAPClient.connect(
+            a.host,
+            a.port,
+            ssl_context=context_for(a.tls),
+            starttls=a.tls.mode == "starttls",
+            server_hostname=server_name(a),
+            io_timeout=a.timeout,
+            where=self.where,
+        )
+        try:
+            await client.login(a.user, a.password.reveal())
+            for folder in a.folders:
+                await self._poll_folder(client, folder)
+                if self.stopping():
+                    break
+            await client.logout()
+        finally:
+            client.close()
+
+    async def _poll_folder(self, client: IMAPClient, folder: str) -> None:
+        a = self.account
+        status = await client.select(folder)
+        known = await self.state.uidvalidity(a.name, folder)
+        if known != status.uidvalidity:
+            if known is not None:
+                log.warning(
+                    "%s: folder %r has a new UIDVALIDITY (%d, was %d): its messages will be "
+                    "fetched again",
+                    self.where,
+                    folder,
+                    status.uidvalidity,
+                    known,
+                )
+            await self.state.set_uidvalidity(a.name, folder, status.uidvalidity)
+        uids = await client.uids() if status.exists else []
+        seen = await self.state.seen(a.name, folder, status.uidvalidity)
+        done = [u for u in uids if str(u) in seen]  # delivered before, still there
+        deferred: DeliveryDeferred | None = None
+        for uid in uids:
+            if str(uid) in seen:
+                continue
+            body = await client.fetch(uid)
+            try:
+                ok = await self._deliver(
+                    body, protocol="IMAP", tls=client.tls, peer=client.peer, ident=f"{folder}/{uid}"
+                )
+            except DeliveryDeferred as e:
+                deferred = e  # the MTA is unwell: stop, but delete what it did accept
+                break
+            if ok:
+                await self.state.record(a.name, folder, status.uidvalidity, str(uid))
+                done.append(uid)
+            if self.stopping():
+                break
+        on_server = {str(u) for u in uids}
+        if not a.keep and done:
+            await client.delete(done)
+            self.result.deleted += len(done)
+            on_server -= {str(u) for u in done}
+        await self.state.forget(a.name, folder, status.uidvalidity, seen - on_server)
+        if deferred is not None:
+            raise deferred

@@ -1,0 +1,324 @@
+"""POP3 over asyncio streams: pumps bytes between a socket and :mod:`fetchd.pop3.proto`.
+
+This is the only POP3 code that does I/O, and the only place where socket, TLS and timeout
+errors from a POP3 server are translated into fetchd's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from fetchd.errors import PermanentError, ProtocolError, TemporaryError
+from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
+from fetchd.tls import ensure_no_buffered_plaintext, tls_description, translate_tls_error
+
+# RFC 2449/3206 response codes after which trying again later may work.
+TEMPORARY_CODES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP"})
+READ_SIZE = 1 << 18
+# Bytes of RETR replies we let the server send ahead of what we have consumed.
+PIPELINE_BYTES = 8 << 20
+PIPELINE_DEPTH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One message on the server: its number in this session, its UIDL and its size."""
+
+    number: int
+    uid: str
+    size: int
+
+
+class POP3Client:
+    """One POP3 session. Create it with :meth:`connect`; every reply wait is bounded."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        where: str,
+        timeout: float,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._proto = POP3Connection()
+        self.where = where
+        self.timeout = timeout
+        self.capabilities: dict[str, list[str]] = {}
+        self.tls = tls_description(writer.get_extra_info("ssl_object"))
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        starttls: bool,
+        server_hostname: str,
+        io_timeout: float,
+        where: str,
+    ) -> POP3Client:
+        """Open a session, upgraded to TLS when asked; CAPA is read on the secured channel.
+
+        With ``starttls`` the server must offer STLS and accept it, and nothing it sends between
+        its OK and the handshake is accepted; otherwise the connection is dropped before any
+        credential is sent.
+        """
+        implicit = ssl_context is not None and not starttls
+        timeout = io_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=ssl_context if implicit else None,
+                    server_hostname=server_hostname if implicit else None,
+                    limit=READ_SIZE,
+                )
+        except TimeoutError:
+            raise TemporaryError(
+                f"{where}: no connection to {host}:{port} within {timeout:g} s"
+            ) from None
+        except ssl.SSLError as e:
+            raise translate_tls_error(e, server_hostname) from None
+        except OSError as e:
+            raise TemporaryError(
+                f"{where}: cannot connect to {host}:{port}: {e.strerror or e}"
+            ) from None
+        client = cls(reader, writer, where=where, timeout=timeout)
+        try:
+            greeting = await client._reply()
+            if not greeting.ok:
+                raise client._error("greeting", greeting)
+            await client.capa()
+            if starttls:
+                assert ssl_context is not None
+                await client._starttls(ssl_context, server_hostname)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _starttls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+        if "STLS" not in self.capabilities:
+            raise PermanentError(
+                f"{self.where}: server does not offer STLS, and TLS is required; "
+                "no password was sent"
+            )
+        reply = await self.command("STLS")
+        if not reply.ok:
+            raise PermanentError(
+                f"{self.where}: server refused STLS ({_text(reply)}); no password was sent"
+            )
+        if self._proto.buffered:
+            raise ProtocolError(
+                f"{self.where}: server sent data right after agreeing to STLS; refusing the "
+                "connection (possible injection attack)"
+            )
+        ensure_no_buffered_plaintext(self._reader, self.where)
+        try:
+            await self._writer.start_tls(
+                ctx, server_hostname=server_hostname, ssl_handshake_timeout=self.timeout
+            )
+        except ssl.SSLError as e:
+            raise translate_tls_error(e, server_hostname) from None
+        except (OSError, TimeoutError) as e:
+            raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
+        ensure_no_buffered_plaintext(self._reader, self.where)
+        self.tls = tls_description(self._writer.get_extra_info("ssl_object"))
+        self.capabilities = {}  # what was said in plaintext is forgotten
+        await self.capa()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # -- the pump -----------------------------------------------------------------------------
+
+    def _send(self, name: str, *args: str | bytes) -> None:
+        self._writer.write(self._proto.send(name, *args))
+
+    async def _reply(self) -> Reply:
+        while True:
+            reply = self._proto.next_reply()
+            if reply is not NEED_DATA:
+                assert isinstance(reply, Reply)
+                return reply
+            try:
+                async with asyncio.timeout(self.timeout):
+                    data = await self._reader.read(READ_SIZE)
+            except TimeoutError:
+                raise TemporaryError(
+                    f"{self.where}: server sent nothing for {self.timeout:g} s"
+                ) from None
+            except ssl.SSLError as e:
+                raise TemporaryError(f"{self.where}: TLS error: {e.reason or e}") from None
+            except OSError as e:
+                raise TemporaryError(f"{self.where}: connection lost: {e.strerror or e}") from None
+            if not data:
+                raise TemporaryError(f"{self.where}: server closed the connection")
+            self._proto.receive_data(data)
+
+    @property
+    def peer(self) -> str | None:
+        """The server's IP address, for the Received header."""
+        peername = self._writer.get_extra_info("peername")
+        return str(peername[0]) if isinstance(peername, tuple) and peername else None
+
+    async def _drain_replies(self) -> None:
+        """Read and drop replies nobody waits for any more (an abandoned RETR pipeline)."""
+        while self._proto.pending:
+            await self._reply()
+
+    async def command(self, name: str, *args: str | bytes) -> Reply:
+        """Send one command and return its reply, OK or not."""
+        await self._drain_replies()
+        self._send(name, *args)
+        try:
+            await self._writer.drain()
+        except OSError as e:
+            raise TemporaryError(f"{self.where}: connection lost: {e.strerror or e}") from None
+        return await self._reply()
+
+    async def _ok(self, name: str, *args: str) -> Reply:
+        reply = await self.command(name, *args)
+        if not reply.ok:
+            raise self._error(name, reply)
+        return reply
+
+    def _error(self, what: str, reply: Reply) -> Exception:
+        code = reply.code
+        message = f"{self.where}: server answered {what} with -ERR {_text(reply)}"
+        if code in TEMPORARY_CODES:
+            return TemporaryError(message)
+        if code in ("AUTH", "SYS/PERM"):
+            return PermanentError(message)
+        return TemporaryError(message)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def capa(self) -> dict[str, list[str]]:
+        """CAPA; a server without it (RFC 1939 only) gets an empty capability list."""
+        reply = await self.command("CAPA")
+        caps: dict[str, list[str]] = {}
+        if reply.ok:
+            for line in reply.lines():
+                words = line.decode("ascii", "replace").split()
+                if words:
+                    caps[words[0].upper()] = words[1:]
+        self.capabilities = caps
+        return caps
+
+    async def login(self, user: str, password: str) -> None:
+        """USER/PASS, or SASL PLAIN when the server offers it and not USER."""
+        sasl = [m.upper() for m in self.capabilities.get("SASL", [])]
+        if "USER" not in self.capabilities and "PLAIN" in sasl:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            reply = await self.command("AUTH", "PLAIN", token)
+        else:
+            reply = await self.command("USER", user)
+            if reply.ok:
+                reply = await self.command("PASS", password)
+        if not reply.ok:
+            error = self._error("login", reply)
+            if isinstance(error, TemporaryError):
+                raise error
+            raise PermanentError(f"{self.where}: login failed: {_text(reply)}")
+
+    async def listing(self) -> list[Listing]:
+        """Every message with its UIDL and size (UIDL and LIST pipelined when allowed)."""
+        if "PIPELINING" in self.capabilities:
+            self._send("UIDL")
+            self._send("LIST")
+            uidl, sizes = await self._reply(), await self._reply()
+        else:
+            uidl = await self.command("UIDL")
+            sizes = await self.command("LIST")
+        if not uidl.ok:
+            raise PermanentError(
+                f"{self.where}: server does not support UIDL ({_text(uidl)}), which fetchd "
+                "needs to know which messages are new"
+            )
+        if not sizes.ok:
+            raise self._error("LIST", sizes)
+        uids = _parse_pairs(uidl, self.where, "UIDL")
+        size_of = {n: int(s) for n, s in _parse_pairs(sizes, self.where, "LIST") if s.isdigit()}
+        return [Listing(n, uid, size_of.get(n, 0)) for n, uid in uids]
+
+    async def retrieve(self, messages: Iterable[Listing]) -> AsyncIterator[tuple[Listing, bytes]]:
+        """RETR each message in turn, pipelined when the server allows it.
+
+        Yields the message and its bytes; the server may already be sending the next ones,
+        bounded by PIPELINE_BYTES of outstanding data.
+        """
+        todo = list(messages)
+        await self._drain_replies()
+        window = PIPELINE_DEPTH if "PIPELINING" in self.capabilities else 1
+        sent = 0
+        outstanding = 0
+        for i, msg in enumerate(todo):
+            while (
+                sent < len(todo)
+                and sent - i < window
+                and (sent == i or outstanding + todo[sent].size <= PIPELINE_BYTES)
+            ):
+                self._send("RETR", str(todo[sent].number))
+                outstanding += todo[sent].size
+                sent += 1
+            try:
+                await self._writer.drain()
+            except OSError as e:
+                raise TemporaryError(f"{self.where}: connection lost: {e.strerror or e}") from None
+            reply = await self._reply()
+            outstanding -= msg.size
+            if not reply.ok:
+                raise self._error(f"RETR {msg.number}", reply)
+            assert reply.body is not None
+            yield msg, reply.body
+
+    async def delete(self, numbers: Iterable[int]) -> None:
+        """DELE each message (pipelined when allowed); they go only when QUIT succeeds."""
+        numbers = list(numbers)
+        if "PIPELINING" not in self.capabilities:
+            for n in numbers:
+                await self._ok("DELE", str(n))
+            return
+        await self._drain_replies()
+        for start in range(0, len(numbers), 256):
+            batch = numbers[start : start + 256]
+            for n in batch:
+                self._send("DELE", str(n))
+            for n in batch:
+                reply = await self._reply()
+                if not reply.ok:
+                    raise self._error(f"DELE {n}", reply)
+
+    async def quit(self) -> None:
+        """QUIT commits the deletions; without a +OK they did not happen."""
+        try:
+            await self._ok("QUIT")
+        finally:
+            self.close()
+
+
+def _text(reply: Reply) -> str:
+    """Server text, made safe to log: printable ASCII, bounded."""
+    text = reply.text.decode("ascii", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)[:200] or "(no text)"
+
+
+def _parse_pairs(reply: Reply, where: str, what: str) -> list[tuple[int, str]]:
+    pairs: list[tuple[int, str]] = []
+    for line in reply.lines():
+        parts = line.split()
+        if len(parts) < 2 or not parts[0].isdigit():
+            raise ProtocolError(f"{where}: malformed {what} line: {line[:80]!r}")
+        pairs.append((int(parts[0]), parts[1].decode("ascii", "replace")))
+    return pairs

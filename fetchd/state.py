@@ -1,0 +1,159 @@
+"""What fetchd remembers between polls, in SQLite.
+
+For each account and folder: the UIDVALIDITY last seen (IMAP) and the UIDs of messages that
+were delivered. A UID is recorded — and committed — after the MTA accepted the message and
+before the server is told to delete it, so a crash at any point may cause a second delivery but
+never a loss.
+
+SQLite calls block, so they run on one worker thread that owns the connection; the event loop
+never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from fetchd.errors import ConfigError
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS folders (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    PRIMARY KEY (account, folder)
+) WITHOUT ROWID;
+"""
+
+
+class State:
+    """The state database. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, path: str, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._db = db
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, path: str) -> State:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetchd-state")
+        loop = asyncio.get_running_loop()
+        try:
+            db = await loop.run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, db, executor)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+        self._executor.shutdown(wait=True)
+
+    async def seen(self, account: str, folder: str, uidvalidity: int) -> set[str]:
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT uid FROM seen WHERE account=? AND folder=? AND uidvalidity=?",
+                (account, folder, uidvalidity),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
+    async def record(self, account: str, folder: str, uidvalidity: int, uid: str) -> None:
+        """Remember a delivered message; committed when this returns."""
+        now = time.time()
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?)",
+                    (account, folder, uidvalidity, uid, now),
+                )
+
+        await self._run(q)
+
+    async def forget(
+        self, account: str, folder: str, uidvalidity: int, uids: Iterable[str]
+    ) -> None:
+        """Drop UIDs that are no longer on the server."""
+        items = [(account, folder, uidvalidity, uid) for uid in uids]
+        if not items:
+            return
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany(
+                    "DELETE FROM seen WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
+                    items,
+                )
+
+        await self._run(q)
+
+    async def uidvalidity(self, account: str, folder: str) -> int | None:
+        def q(db: sqlite3.Connection) -> int | None:
+            row = db.execute(
+                "SELECT uidvalidity FROM folders WHERE account=? AND folder=?", (account, folder)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._run(q)
+
+    async def set_uidvalidity(self, account: str, folder: str, uidvalidity: int) -> None:
+        """Start tracking a folder under a new UIDVALIDITY; UIDs under the old one are void."""
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
+                    (account, folder, uidvalidity),
+                )
+                db.execute(
+                    "DELETE FROM seen WHERE account=? AND folder=? AND uidvalidity<>?",
+                    (account, folder, uidvalidity),
+                )
+
+        await self._run(q)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    directory = os.path.dirname(path)
+    try:
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.isolation_level = "DEFERRED"
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"state file {path} was written by a newer fetchd (schema {version}); "
+                "refusing to touch it"
+            )
+        with db:
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except sqlite3.Error as e:
+        raise ConfigError(f"cannot open state file {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create state directory {directory}: {e.strerror}") from None
+    return db

@@ -1,0 +1,73 @@
+"""An SMTP sink (aiosmtpd) that records what it accepted, for tests, the demo and benchmarks.
+
+It runs inside the caller's event loop on a free loopback port (aiosmtpd's threaded
+Controller cannot bind port 0). Replies can be scripted to show how fetchd handles refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class Accepted:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    mail_options: tuple[str, ...]
+
+
+@dataclass
+class Sink:
+    accepted: list[Accepted] = field(default_factory=list)
+    data_reply: str | None = None  # e.g. "451 4.3.0 try later" or "554 5.7.1 no"
+    rcpt_reply: str | None = None
+    port: int = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if self.rcpt_reply:
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        self.accepted.append(
+            Accepted(
+                envelope.mail_from,
+                tuple(envelope.rcpt_tos),
+                envelope.original_content,
+                tuple(envelope.mail_options),
+            )
+        )
+        return "250 2.0.0 queued"
+
+
+class _SMTP(SMTP):  # type: ignore[misc]
+    line_length_limit = 1 << 20  # like a real MTA, take long lines rather than fail them
+
+
+@asynccontextmanager
+async def smtp_sink(**kwargs: Any) -> AsyncIterator[Sink]:
+    sink = Sink(**kwargs)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _SMTP(sink, hostname="mta.test", data_size_limit=None, enable_SMTPUTF8=True),
+        "127.0.0.1",
+        0,
+    )
+    sink.port = server.sockets[0].getsockname()[1]
+    try:
+        yield sink
+    finally:
+        server.close()
+        await server.wait_closed()
