@@ -53,7 +53,7 @@ default_client_limit = 7000
 pop3_uidl_format = %08Xu%08Xv
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {root}/passwd
+  args = scheme=PLAIN username_format=%u {root}/passwd.d/%u
 }}
 userdb {{
   driver = static
@@ -127,7 +127,7 @@ class Dovecot:
         (self.root / "tls" / "cert.pem").write_bytes(self.cert_pem)
         (self.root / "tls" / "key.pem").write_bytes(self.key_pem)
         os.chmod(self.root / "tls" / "key.pem", 0o600)
-        (self.root / "passwd").write_text("")
+        (self.root / "passwd.d").mkdir(exist_ok=True)
         self.ports = {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
         if os.geteuid() == 0:
             privileges = ""
@@ -190,8 +190,9 @@ class Dovecot:
 
     def add_user(self, user: str, password: str) -> None:
         self.users[user] = password
-        with open(self.root / "passwd", "a") as f:
-            f.write(f"{user}:{password}\n")
+        # One passwd file per user: Dovecot re-reads a changed file at most once a second,
+        # so a user added to a shared file could stay unknown for that long.
+        (self.root / "passwd.d" / user).write_text(f"{user}:{password}\n")
         for sub in ("cur", "new", "tmp"):
             self.maildir(user).joinpath(sub).mkdir(parents=True, exist_ok=True)
         self._chown_tree(self.root / "home" / user)
