@@ -92,7 +92,7 @@ def _load(path: str) -> Config:
 async def _once(config: Config) -> int:
     state = await State.open(config.state_file)
     try:
-        outcomes = await Supervisor(config, state).run_once()
+        outcomes = await Supervisor(config, state, log_outcomes=False).run_once()
     finally:
         await state.close()
     for outcome in outcomes:

@@ -178,7 +178,9 @@ class _Section:
         self.ctx = ctx
         self.node = node
         self.where = where
-        self.entries = {} if node is None else _mapping_entries(ctx, node, where)
+        # A key whose entries are all commented out holds null: the same as no entries.
+        empty = node is None or node.tag == _NULL
+        self.entries = {} if node is None or empty else _mapping_entries(ctx, node, where)
         self.used: set[str] = set()
 
     def has(self, key: str) -> bool:
@@ -432,6 +434,12 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
     tls_s.done()
     if not port_given:
         port = DEFAULT_PORTS[(protocol, mode)]
+    elif (mode == "implicit") != (port not in (110, 143)) and port in (110, 143, 993, 995):
+        raise s.error(
+            "port",
+            f"port {port} is for {'implicit TLS' if port in IMPLICIT_TLS_PORTS else 'STARTTLS'}"
+            f" but tls.mode is {mode}; change one of them",
+        )
 
     password = _password(ctx, s, env)
     folders = s.text_list("folders", ("INBOX",))
@@ -442,7 +450,7 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
     timeout = s.number("timeout", 60.0, 1.0, 3600.0)
 
     d = s.section("deliver").expect(*_DELIVER_KEYS)
-    if d.node is None:
+    if not d.entries:
         raise s.error("deliver", "is required: where should the mail go? e.g. smtp: localhost:25")
     smtp = d.text("smtp", "localhost:25")
     smtp_host, smtp_port = _host_port(smtp, 25, lambda m: d.error("smtp", m))

@@ -15,7 +15,9 @@ from fetchd import __version__
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _RETURN_PATH = re.compile(rb"(?im)^Return-Path:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)")
 _ANGLE = re.compile(rb"<([^<>]*)>")
-_ADDRESS = re.compile(r"^[!-~]+@[!-~]+$|^[!-~]+$")
+_ADDRESS = re.compile(
+    r"^[^\x00-\x20\x7f-\x9f<>()\[\],;:\\\"@]+(@[^\x00-\x20\x7f-\x9f<>()\[\],;\\\"@]+)?$"
+)
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
 _HIGH_BIT = re.compile(rb"[\x80-\xff]")
 
@@ -23,7 +25,9 @@ _HIGH_BIT = re.compile(rb"[\x80-\xff]")
 def header_section(message: bytes) -> bytes:
     """The header part: everything before the first empty line (all of it if there is none)."""
     m = _HEADER_END.search(message)
-    return message[: m.start() + 1] if m else message
+    if not m:
+        return message
+    return message[: m.start() + (2 if message[m.start()] == 0x0D else 1)]
 
 
 def envelope_sender(message: bytes) -> str:
@@ -42,7 +46,7 @@ def envelope_sender(message: bytes) -> str:
         address = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         return ""
-    if not address or not _ADDRESS.match(address) or any(c in address for c in '<>()[],;\\"'):
+    if not _ADDRESS.match(address) or not address.isprintable():
         return ""
     return address
 

@@ -72,8 +72,10 @@ class Supervisor:
         state: State,
         *,
         rand: Callable[[], float] = random.random,
+        log_outcomes: bool = True,
     ) -> None:
         self.config = config
+        self.log_outcomes = log_outcomes
         self.state = state
         self.rand = rand
         self.stop = asyncio.Event()
@@ -92,10 +94,8 @@ class Supervisor:
                 outcome = Outcome(account, poller.result, e)
             else:
                 outcome = Outcome(account, result, None)
-        if outcome.ok:
-            log.info("%s", outcome.line())
-        else:
-            log.error("%s", outcome.line())
+        if self.log_outcomes or not outcome.ok:
+            log.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.line())
         return outcome
 
     async def run_once(self) -> list[Outcome]:

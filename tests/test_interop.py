@@ -268,7 +268,7 @@ async def test_ten_accounts_of_real_mail_through_the_cli_exactly_once(
     for i in range(10):
         user = f"ten{i}"
         dovecot.add_user(user, f"pw-{user}")
-        mine = messages[i::10] + [f"Subject: account {i}\n\nhello {i}\n".encode()]
+        mine = [*messages[i::10], f"Subject: account {i}\n\nhello {i}\n".encode()]
         dovecot.deliver(user, mine)
         protocol, mode = MODES[i % 4]
         accounts.append(

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fetchd.message import envelope_sender, has_8bit, header_section, received_header
+
+
+@pytest.mark.parametrize(
+    ("message", "sender"),
+    [
+        (b"Return-Path: <bounce@example.org>\r\nSubject: x\r\n\r\nbody", "bounce@example.org"),
+        (b"Subject: x\nreturn-path:   <a@b.c>  \n\nbody", "a@b.c"),
+        (b"Return-Path: <>\r\n\r\n", ""),
+        (b"Return-Path: plain@example.org\r\n\r\n", "plain@example.org"),
+        (b"Return-Path:\r\n <folded@example.org>\r\n\r\n", "folded@example.org"),
+        (b"Subject: no return path\r\n\r\nReturn-Path: <in@body.example>\r\n", ""),
+        (
+            b"Return-Path: <first@x.example>\r\nReturn-Path: <second@x.example>\r\n\r\n",
+            "first@x.example",
+        ),
+        (b"Return-Path: <has space@x.example>\r\n\r\n", ""),
+        (b"Return-Path: <\xff@x.example>\r\n\r\n", ""),
+        (b"Return-Path: <\xc3\xa9@x.example>\r\n\r\n", "\xe9@x.example"),
+        (b"Return-Path: <a@b>\r\nInjected: <x>\r\n\r\n", "a@b"),
+        (b"", ""),
+    ],
+)
+def test_envelope_sender(message: bytes, sender: str) -> None:
+    assert envelope_sender(message) == sender
+
+
+@given(st.binary(max_size=300))
+def test_envelope_sender_never_fails_and_is_safe_for_smtp(message: bytes) -> None:
+    sender = envelope_sender(message)
+    assert not any(c in sender for c in "\r\n\0 <>")
+
+
+def test_header_section_stops_at_the_first_empty_line() -> None:
+    assert header_section(b"A: 1\r\nB: 2\r\n\r\nC: 3\r\n") == b"A: 1\r\nB: 2\r\n"
+    assert header_section(b"A: 1\nB: 2") == b"A: 1\nB: 2"
+
+
+def test_has_8bit() -> None:
+    assert has_8bit(b"caf\xc3\xa9")
+    assert not has_8bit(b"plain ascii\r\n")
+
+
+def test_received_header_is_a_single_folded_header_with_a_date() -> None:
+    header = received_header(
+        server="mail.example.net",
+        server_ip="192.0.2.1",
+        local_host="mx.local",
+        protocol="IMAP",
+        tls="TLSv1.3 TLS_AES_256_GCM_SHA384",
+        recipients=("alice@localhost",),
+        message_id="INBOX/42; evil\r\nX-Injected: 1",
+        account="alice",
+        when=datetime(2026, 12, 3, 12, 0, tzinfo=UTC),
+    )
+    text = header.decode()
+    assert text.startswith("Received: from mail.example.net (mail.example.net [192.0.2.1])\r\n")
+    assert "with IMAP (TLSv1.3 TLS_AES_256_GCM_SHA384)" in text
+    assert "for <alice@localhost>;" in text
+    assert text.endswith("\tThu, 03 Dec 2026 12:00:00 +0000\r\n")
+    lines = text.split("\r\n")[:-1]
+    assert all(line.startswith("\t") for line in lines[1:]), "continuation lines are folded"
+    assert "\r\nX-Injected" not in text, "server-provided text cannot add a header"
