@@ -29,6 +29,13 @@ class Sink:
     data_reply: str | None = None  # e.g. "451 4.3.0 try later" or "554 5.7.1 no"
     rcpt_reply: str | None = None
     port: int = 0
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for(self, count: int) -> None:
+        """Until at least `count` messages were accepted (bound it with asyncio.timeout)."""
+        while len(self.accepted) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
@@ -49,6 +56,7 @@ class Sink:
                 tuple(envelope.mail_options),
             )
         )
+        self._arrived.set()
         return "250 2.0.0 queued"
 
 
