@@ -8,6 +8,8 @@ change?" a plain ``==`` when the configuration is reloaded.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import os
 import re
@@ -15,7 +17,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -59,13 +61,32 @@ class Secret:
         return hash(self._value)
 
 
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
 @dataclass(frozen=True, slots=True)
 class TLSSettings:
-    """How to secure one connection. Hashable: equal settings share one SSLContext."""
+    """How to secure one connection. Hashable: equal settings share one SSLContext.
+
+    ``fingerprints`` are normalised pins: ``md5:HEX``, ``sha1:HEX``, ``sha256:HEX`` (of the
+    whole certificate, as fetchmail's ``sslfingerprint``) or ``pin-sha256:BASE64`` (of the
+    public key, which survives a renewal with the same key).
+    """
 
     mode: TLSMode = "implicit"
+    verify: bool = True
     ca_file: str | None = None
+    ca_path: str | None = None
+    system_ca: bool = True
+    crl_file: str | None = None
+    crl_check: Literal["none", "leaf", "chain"] = "none"
+    min_version: str = "TLSv1.2"
+    max_version: str | None = None
     server_name: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    client_key_password: Secret | None = field(default=None, repr=False)
+    fingerprints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +125,7 @@ class Config:
     state_file: str
     accounts: tuple[Account, ...]
     max_connections: int = 50
+    warnings: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +343,47 @@ _ACCOUNT_KEYS = (
     "timeout",
 )
 _PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
-_TLS_KEYS = ("mode", "ca_file", "server_name", "allow_plaintext")
+_TLS_KEYS = (
+    "mode",
+    "allow_plaintext",
+    "verify",
+    "ca_file",
+    "ca_path",
+    "system_ca",
+    "crl_file",
+    "crl_check",
+    "min_version",
+    "max_version",
+    "server_name",
+    "client_cert",
+    "client_key",
+    "client_key_password_file",
+    "fingerprints",
+)
+# fetchmail's keywords, accepted under tls: for people moving over.
+_TLS_ALIASES = {
+    "sslcertck": "verify",
+    "sslcertfile": "ca_file",
+    "sslcertpath": "ca_path",
+    "sslcommonname": "server_name",
+    "sslfingerprint": "fingerprints",
+    "sslcert": "client_cert",
+    "sslkey": "client_key",
+}
+# fetchmail's sslproto words: (minimum, maximum) version.
+SSLPROTO = {
+    "auto": ("TLSv1.2", None),
+    "ssl23": ("TLSv1.2", None),
+    "tls": ("TLSv1.2", None),
+    "tls1+": ("TLSv1", None),
+    "tls1.1+": ("TLSv1.1", None),
+    "tls1.2+": ("TLSv1.2", None),
+    "tls1.3+": ("TLSv1.3", None),
+    "tls1": ("TLSv1", "TLSv1"),
+    "tls1.1": ("TLSv1.1", "TLSv1.1"),
+    "tls1.2": ("TLSv1.2", "TLSv1.2"),
+    "tls1.3": ("TLSv1.3", "TLSv1.3"),
+}
 _DELIVER_KEYS = ("smtp", "to", "timeout")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._:-]+)$")
@@ -372,11 +434,12 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     top.done()
 
     accounts: list[Account] = []
+    warnings: list[str] = []
     names: dict[str, Node] = {}
     for i, node in enumerate(accounts_node.value):
         where = f"accounts[{i}]"
         merged = _merge_defaults(ctx, defaults_node, node, where)
-        account = _account(ctx, _Section(ctx, merged, where).expect(*_ACCOUNT_KEYS), env)
+        account = _account(ctx, _Section(ctx, merged, where).expect(*_ACCOUNT_KEYS), env, warnings)
         if account.name in names:
             raise ctx.error(node, where, f"account name {account.name!r} is used twice")
         names[account.name] = node
@@ -393,6 +456,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         state_file=state_file,
         accounts=tuple(accounts),
         max_connections=max_connections,
+        warnings=tuple(warnings),
     )
 
 
@@ -403,7 +467,7 @@ def _default_state_file(env: Mapping[str, str]) -> str:
     return os.path.join(base, "fetchd", "state.sqlite3")
 
 
-def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
+def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]) -> Account:
     protocol = s.choice("protocol", ("pop3", "imap"))
     host = s.text("host")
     if not _HOST_RE.match(host):
@@ -413,25 +477,11 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
     if not _NAME_RE.match(name):
         raise s.error("name", "may use letters, digits and . _ @ + - (at most 128)")
 
-    tls_s = s.section("tls").expect(*_TLS_KEYS)
     port_given = s.has("port")
     port = s.integer("port", 0, 1, 65535) if port_given else 0
     default_mode = "starttls" if port_given and port not in IMPLICIT_TLS_PORTS else "implicit"
-    mode = tls_s.choice("mode", ("implicit", "starttls", "none"), default_mode)
-    allow_plaintext = tls_s.flag("allow_plaintext", False)
-    if mode == "none" and not allow_plaintext:
-        raise tls_s.error(
-            "mode",
-            "'none' sends the password unencrypted; also set allow_plaintext: true "
-            "if that is really wanted",
-        )
-    ca_file = tls_s.text("ca_file", None)
-    if ca_file is not None:
-        ca_file = ctx.path(ca_file)
-        if not os.path.isfile(ca_file):
-            raise tls_s.error("ca_file", f"no such file: {ca_file}")
-    server_name = tls_s.text("server_name", None)
-    tls_s.done()
+    tls = _tls(ctx, s.section("tls"), default_mode, warnings)
+    mode = tls.mode
     if not port_given:
         port = DEFAULT_PORTS[(protocol, mode)]
     elif (mode == "implicit") != (port not in (110, 143)) and port in (110, 143, 993, 995):
@@ -470,13 +520,156 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Account:
         port=port,
         user=user,
         password=password,
-        tls=TLSSettings(mode=mode, ca_file=ca_file, server_name=server_name),
+        tls=tls,
         deliver=Delivery(host=smtp_host, port=smtp_port, to=to, timeout=deliver_timeout),
         folders=folders,
         keep=keep,
         interval=interval,
         timeout=timeout,
     )
+
+
+def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSSettings:
+    """The tls: mapping of one account, with fetchmail's spellings accepted."""
+    t.expect(*_TLS_KEYS, *_TLS_ALIASES, "sslproto")
+    for alias, key in _TLS_ALIASES.items():
+        if alias in t.entries:
+            if key in t.entries:
+                raise t.error(alias, f"is fetchmail's name for {key}; give only one of them")
+            t.entries[key] = t.entries.pop(alias)
+    sslproto = t.text("sslproto", None) if t.has("sslproto") else None
+    if sslproto is None and "sslproto" in t.entries:  # sslproto: '' or null
+        t.used.add("sslproto")
+        sslproto = ""
+    mode: TLSMode | None = t.choice("mode", ("implicit", "starttls", "none"), None)
+    if sslproto == "":
+        if mode not in (None, "none"):
+            raise t.error("sslproto", "'' means no TLS at all, which contradicts tls.mode")
+        mode = "none"  # fetchmail: sslproto '' turns STARTTLS off
+    mode = mode or cast(TLSMode, default_mode)
+    if mode == "none" and not t.flag("allow_plaintext", False):
+        raise t.error(
+            "mode" if "mode" in t.entries else "sslproto",
+            "no TLS sends the password unencrypted; also set allow_plaintext: true "
+            "if that is really wanted",
+        )
+    t.used.add("allow_plaintext")
+
+    low: str = "TLSv1.2"
+    high: str | None = None
+    if sslproto:
+        word = sslproto.lower()
+        if word.startswith(("ssl2", "ssl3")):
+            raise t.error("sslproto", f"{sslproto}: SSL 2 and 3 are broken and not supported")
+        if word not in SSLPROTO:
+            raise t.error("sslproto", f"unknown value; use one of {', '.join(SSLPROTO)}")
+        low, high = SSLPROTO[word]
+    low = _tls_version(t, "min_version", low) or low
+    high = _tls_version(t, "max_version", high)
+    if high is not None and TLS_VERSIONS.index(high) < TLS_VERSIONS.index(low):
+        raise t.error("max_version", f"{high} is older than min_version {low}")
+    if low in ("TLSv1", "TLSv1.1"):
+        warnings.append(
+            f"{ctx.file}:{t.node.start_mark.line + 1 if t.node else 0}: {t.where}: allows "
+            f"{low}, which is obsolete and weak; use it only for a server that cannot do better"
+        )
+
+    def existing(key: str, kind: str) -> str | None:
+        value = t.text(key, None)
+        if value is None:
+            return None
+        path = ctx.path(value)
+        ok = os.path.isdir(path) if kind == "directory" else os.path.isfile(path)
+        if not ok:
+            raise t.error(key, f"no such {kind}: {path}")
+        return path
+
+    ca_file = existing("ca_file", "file")
+    ca_path = existing("ca_path", "directory")
+    crl_file = existing("crl_file", "file")
+    default_crl = "leaf" if crl_file else "none"
+    crl_check = t.choice("crl_check", ("none", "leaf", "chain"), default_crl)
+    system_ca = t.flag("system_ca", ca_file is None and ca_path is None)
+    verify = t.flag("verify", True)
+    client_cert = existing("client_cert", "file")
+    client_key = existing("client_key", "file")
+    if client_key and not client_cert:
+        raise t.error("client_key", "needs client_cert as well")
+    key_password = None
+    password_file = existing("client_key_password_file", "file")
+    if password_file:
+        with open(password_file, "rb") as f:
+            key_password = Secret(f.read().decode("utf-8", "replace").rstrip("\r\n"))
+    fingerprints = tuple(_pin(t, i, raw) for i, raw in enumerate(t.text_list("fingerprints", ())))
+    if not verify and not fingerprints:
+        warnings.append(
+            f"{ctx.file}: {t.where}: verify is off and no fingerprint is pinned: anyone in "
+            "the middle can read the password"
+        )
+    server_name = t.text("server_name", None)
+    t.done()
+    return TLSSettings(
+        mode=mode,
+        verify=verify,
+        ca_file=ca_file,
+        ca_path=ca_path,
+        system_ca=system_ca,
+        crl_file=crl_file,
+        crl_check=crl_check,
+        min_version=low,
+        max_version=high,
+        server_name=server_name,
+        client_cert=client_cert,
+        client_key=client_key,
+        client_key_password=key_password,
+        fingerprints=fingerprints,
+    )
+
+
+def _tls_version(t: _Section, key: str, default: str | None) -> str | None:
+    value = t.node_of(key)
+    if value is None or value.tag == _NULL:
+        return default
+    raw = str(t.ctx.value(value)).strip().lower()
+    if raw.startswith(("ssl", "sslv")):
+        raise t.error(key, f"{raw}: SSL 2 and 3 are broken and not supported")
+    number = raw.removeprefix("tlsv").removeprefix("tls").strip()
+    if number in ("1", "1.0"):
+        return "TLSv1"
+    if f"TLSv{number}" in TLS_VERSIONS:
+        return f"TLSv{number}"
+    raise t.error(key, f"must be one of 1.0, 1.1, 1.2, 1.3, not {raw!r}")
+
+
+_HEX_DIGEST = {32: "md5", 40: "sha1", 64: "sha256"}
+
+
+def _pin(t: _Section, index: int, raw: str) -> str:
+    """Normalise one fingerprint to ``algo:HEX`` or ``pin-sha256:BASE64``."""
+    text = raw.strip()
+    fail = t.error(
+        "fingerprints",
+        f"item {index} is not a fingerprint: {raw!r} (expected e.g. AA:BB:... as fetchmail "
+        "prints it, sha256:..., {SHA256}... or pin-sha256:BASE64)",
+    )
+    low = text.lower()
+    if low.startswith(("pin-sha256:", "pin-sha256=")):
+        value = text[len("pin-sha256:") :].strip().strip('"')
+        try:
+            if len(base64.b64decode(value, validate=True)) != 32:
+                raise fail
+        except (ValueError, binascii.Error):
+            raise fail from None
+        return f"pin-sha256:{value}"
+    algo = None
+    if m := re.match(r"^(?:\{(md5|sha1|sha256)\}|(md5|sha1|sha256)[:=])", low):
+        algo, text = m.group(1) or m.group(2), text[m.end() :]
+    digits = text.replace(":", "").replace(" ", "").upper()
+    if not re.fullmatch(r"[0-9A-F]+", digits) or len(digits) not in _HEX_DIGEST:
+        raise fail
+    if algo is not None and _HEX_DIGEST[len(digits)] != algo:
+        raise fail
+    return f"{_HEX_DIGEST[len(digits)]}:{digits}"
 
 
 def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:

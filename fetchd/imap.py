@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aioimaplib
 
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
-from fetchd.tls import tls_description, translate_tls_error
+from fetchd.tls import Security, tls_description, translate_tls_error
 
 # The library logs whole message bodies at DEBUG; never let them reach a log file.
 logging.getLogger("aioimaplib").setLevel(logging.WARNING)
@@ -157,9 +157,17 @@ class IMAPClient:
         peername = transport.get_extra_info("peername") if transport else None
         return str(peername[0]) if isinstance(peername, tuple) and peername else None
 
-    def _tls_info(self) -> str:
+    def _ssl_object(self) -> ssl.SSLObject | None:
         transport = self._proto.transport
-        return tls_description(transport.get_extra_info("ssl_object") if transport else None)
+        return transport.get_extra_info("ssl_object") if transport else None
+
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER), once TLS is up."""
+        ssl_object = self._ssl_object()
+        return ssl_object.getpeercert(binary_form=True) if ssl_object else None
+
+    def _tls_info(self) -> str:
+        return tls_description(self._ssl_object())
 
     @classmethod
     async def connect(
@@ -167,9 +175,7 @@ class IMAPClient:
         host: str,
         port: int,
         *,
-        ssl_context: ssl.SSLContext | None,
-        starttls: bool,
-        server_hostname: str,
+        security: Security,
         io_timeout: float,
         where: str,
     ) -> IMAPClient:
@@ -178,14 +184,14 @@ class IMAPClient:
         With ``starttls``: a PREAUTH greeting, a missing STARTTLS capability, a refusal, or any
         byte between the server's OK and the handshake aborts before credentials are sent.
         """
-        implicit = ssl_context is not None and not starttls
         timeout = io_timeout
+        server_hostname = security.server_name
         try:
             raw = _Client(
                 host,
                 port,
                 timeout=timeout,
-                ssl_context=ssl_context if implicit else None,
+                ssl_context=security.context if security.implicit else None,
                 server_hostname=server_hostname,
             )
         except ValueError as e:
@@ -193,20 +199,21 @@ class IMAPClient:
         self = cls(raw, where=where, timeout=timeout)
         try:
             await self._call("connect", raw._client_task, server_hostname=server_hostname)
+            if security.implicit:
+                security.check_peer(self._ssl_object(), where)
             await self._call("greeting", self._proto.wait("AUTH|NONAUTH"))
             self.tls = self._tls_info()
-            if starttls:
-                assert ssl_context is not None
-                await self._starttls(ssl_context, server_hostname)
-            elif self._proto.state == aioimaplib.AUTH and ssl_context is None:
-                pass  # PREAUTH on an explicitly plaintext connection is the user's choice
+            if security.starttls:
+                await self._starttls(security)
         except BaseException:
             self.close()
             raise
         return self
 
-    async def _starttls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+    async def _starttls(self, security: Security) -> None:
         p = self._proto
+        ctx, server_hostname = security.context, security.server_name
+        assert ctx is not None
         if p.state == aioimaplib.AUTH:
             raise PermanentError(
                 f"{self.where}: server greeted with PREAUTH, so STARTTLS is impossible and the "
@@ -239,9 +246,10 @@ class IMAPClient:
                     ssl_handshake_timeout=self.timeout,
                 )
         except ssl.SSLError as e:
-            raise translate_tls_error(e, server_hostname) from None
+            raise translate_tls_error(e, server_hostname, self.where) from None
         except (OSError, TimeoutError) as e:
             raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
+        security.check_peer(self._ssl_object(), self.where)
         if p.injected:
             raise ProtocolError(f"{self.where}: unencrypted data arrived during the TLS handshake")
         p.starttls_answered = False
@@ -262,7 +270,7 @@ class IMAPClient:
                 f"{self.where}: no answer to {what} within {self.timeout:g} s"
             ) from None
         except ssl.SSLError as e:
-            raise translate_tls_error(e, server_hostname or self.where) from None
+            raise translate_tls_error(e, server_hostname or self.where, self.where) from None
         except OSError as e:
             raise TemporaryError(f"{self.where}: {what} failed: {e.strerror or e}") from None
         except aioimaplib.CommandTimeout:

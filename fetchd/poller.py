@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from fetchd.config import Account
 from fetchd.deliver import SMTPDelivery
-from fetchd.errors import DeliveryDeferred, MessageRejected
+from fetchd.errors import DeliveryDeferred, FetchdError, MessageRejected
 from fetchd.imap import IMAPClient
 from fetchd.message import envelope_sender, received_header
 from fetchd.pop3.client import POP3Client
 from fetchd.state import State
-from fetchd.tls import context_for, server_name
+from fetchd.tls import (
+    CertificateError,
+    Security,
+    explain_certificate_failure,
+    inspection_context,
+    security_for,
+)
 
 log = logging.getLogger("fetchd.poll")
+Client = TypeVar("Client", POP3Client, IMAPClient)
 
 
 @dataclass(slots=True)
@@ -68,6 +76,40 @@ class Poller:
             await self.delivery.close()
         return self.result
 
+    async def _connect(self, kind: type[Client]) -> Client:
+        """Connect and secure the session; a refused certificate is explained in plain words."""
+        a = self.account
+        security = security_for(a)
+        try:
+            return await kind.connect(
+                a.host, a.port, security=security, io_timeout=a.timeout, where=self.where
+            )
+        except CertificateError as e:
+            if e.verify_code is None:
+                raise  # a pin mismatch says it all already
+            raise await self._explain(kind, security, e) from None
+
+    async def _explain(
+        self, kind: type[Client], security: Security, error: CertificateError
+    ) -> CertificateError:
+        """Fetch the refused certificate once more, unverified and without logging in, to say
+        what is wrong with it (expired when, issued for which names...)."""
+        a = self.account
+        look = replace(security, context=inspection_context(), fingerprints=(), verify=True)
+        try:
+            client = await kind.connect(
+                a.host, a.port, security=look, io_timeout=a.timeout, where=self.where
+            )
+        except FetchdError:
+            return error
+        try:
+            der = client.peer_certificate()
+        finally:
+            client.close()
+        reason = str(error).split(": ", 1)[-1]
+        text = explain_certificate_failure(der, security.server_name, error.verify_code, reason)
+        return CertificateError(f"{self.where}: {text}", error.verify_code)
+
     async def _deliver(
         self, body: bytes, *, protocol: str, tls: str, peer: str | None, ident: str
     ) -> bool:
@@ -102,15 +144,7 @@ class Poller:
 
     async def _poll_pop3(self) -> None:
         a = self.account
-        client = await POP3Client.connect(
-            a.host,
-            a.port,
-            ssl_context=context_for(a.tls),
-            starttls=a.tls.mode == "starttls",
-            server_hostname=server_name(a),
-            io_timeout=a.timeout,
-            where=self.where,
-        )
+        client = await self._connect(POP3Client)
         try:
             await client.login(a.user, a.password.reveal())
             listing = await client.listing()
@@ -148,15 +182,7 @@ class Poller:
 
     async def _poll_imap(self) -> None:
         a = self.account
-        client = await IMAPClient.connect(
-            a.host,
-            a.port,
-            ssl_context=context_for(a.tls),
-            starttls=a.tls.mode == "starttls",
-            server_hostname=server_name(a),
-            io_timeout=a.timeout,
-            where=self.where,
-        )
+        client = await self._connect(IMAPClient)
         try:
             await client.login(a.user, a.password.reveal())
             for folder in a.folders:

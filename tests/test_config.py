@@ -108,7 +108,7 @@ def test_port_and_tls_mode_default_from_each_other(
             "    tls: {mode: ssl}\n",
             r":11: accounts\[0\].tls.mode: must be one of implicit, starttls, none",
         ),
-        ("    tls: {mode: none}\n", r"tls.mode: 'none' sends the password unencrypted"),
+        ("    tls: {mode: none}\n", r"tls.mode: no TLS sends the password unencrypted"),
         ("    tls: {ca_file: /nonexistent/ca.pem}\n", r"tls.ca_file: no such file"),
         ("    folders: []\n", r"folders: must not be an empty list"),
         ("    deliver: {smtp: 'a b:c'}\n", r"deliver.smtp: must be host or host:port"),

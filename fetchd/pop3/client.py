@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
-from fetchd.tls import ensure_no_buffered_plaintext, tls_description, translate_tls_error
+from fetchd.tls import (
+    Security,
+    ensure_no_buffered_plaintext,
+    tls_description,
+    translate_tls_error,
+)
 
 # RFC 2449/3206 response codes after which trying again later may work.
 TEMPORARY_CODES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP"})
@@ -60,9 +65,7 @@ class POP3Client:
         host: str,
         port: int,
         *,
-        ssl_context: ssl.SSLContext | None,
-        starttls: bool,
-        server_hostname: str,
+        security: Security,
         io_timeout: float,
         where: str,
     ) -> POP3Client:
@@ -72,15 +75,16 @@ class POP3Client:
         its OK and the handshake is accepted; otherwise the connection is dropped before any
         credential is sent.
         """
-        implicit = ssl_context is not None and not starttls
         timeout = io_timeout
+        implicit = security.implicit
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
                     host,
                     port,
-                    ssl=ssl_context if implicit else None,
-                    server_hostname=server_hostname if implicit else None,
+                    ssl=security.context if implicit else None,
+                    server_hostname=security.server_name if implicit else None,
+                    ssl_handshake_timeout=timeout if implicit else None,
                     limit=READ_SIZE,
                 )
         except TimeoutError:
@@ -88,26 +92,28 @@ class POP3Client:
                 f"{where}: no connection to {host}:{port} within {timeout:g} s"
             ) from None
         except ssl.SSLError as e:
-            raise translate_tls_error(e, server_hostname) from None
+            raise translate_tls_error(e, security.server_name, where) from None
         except OSError as e:
             raise TemporaryError(
                 f"{where}: cannot connect to {host}:{port}: {e.strerror or e}"
             ) from None
         client = cls(reader, writer, where=where, timeout=timeout)
         try:
+            if implicit:
+                security.check_peer(writer.get_extra_info("ssl_object"), where)
             greeting = await client._reply()
             if not greeting.ok:
                 raise client._error("greeting", greeting)
             await client.capa()
-            if starttls:
-                assert ssl_context is not None
-                await client._starttls(ssl_context, server_hostname)
+            if security.starttls:
+                await client._starttls(security)
         except BaseException:
             client.close()
             raise
         return client
 
-    async def _starttls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+    async def _starttls(self, security: Security) -> None:
+        assert security.context is not None
         if "STLS" not in self.capabilities:
             raise PermanentError(
                 f"{self.where}: server does not offer STLS, and TLS is required; "
@@ -126,13 +132,16 @@ class POP3Client:
         ensure_no_buffered_plaintext(self._reader, self.where)
         try:
             await self._writer.start_tls(
-                ctx, server_hostname=server_hostname, ssl_handshake_timeout=self.timeout
+                security.context,
+                server_hostname=security.server_name,
+                ssl_handshake_timeout=self.timeout,
             )
         except ssl.SSLError as e:
-            raise translate_tls_error(e, server_hostname) from None
+            raise translate_tls_error(e, security.server_name, self.where) from None
         except (OSError, TimeoutError) as e:
             raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
         ensure_no_buffered_plaintext(self._reader, self.where)
+        security.check_peer(self._writer.get_extra_info("ssl_object"), self.where)
         self.tls = tls_description(self._writer.get_extra_info("ssl_object"))
         self.capabilities = {}  # what was said in plaintext is forgotten
         await self.capa()
@@ -165,6 +174,11 @@ class POP3Client:
             if not data:
                 raise TemporaryError(f"{self.where}: server closed the connection")
             self._proto.receive_data(data)
+
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER), once TLS is up."""
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        return ssl_object.getpeercert(binary_form=True) if ssl_object else None
 
     @property
     def peer(self) -> str | None:
