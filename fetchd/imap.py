@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aioimaplib
 
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
-from fetchd.tls import Security, tls_description, translate_tls_error
+from fetchd.tls import Security, describe_connect_error, tls_description, translate_tls_error
 
 # The library logs whole message bodies at DEBUG; never let them reach a log file.
 logging.getLogger("aioimaplib").setLevel(logging.WARNING)
@@ -198,7 +198,9 @@ class IMAPClient:
             raise PermanentError(f"{where}: {e}") from None
         self = cls(raw, where=where, timeout=timeout)
         try:
-            await self._call("connect", raw._client_task, server_hostname=server_hostname)
+            await self._call(
+                "connect", raw._client_task, server_hostname=server_hostname, security=security
+            )
             if security.implicit:
                 security.check_peer(self._ssl_object(), where)
             await self._call("greeting", self._proto.wait("AUTH|NONAUTH"))
@@ -247,8 +249,11 @@ class IMAPClient:
                 )
         except ssl.SSLError as e:
             raise translate_tls_error(e, server_hostname, self.where) from None
-        except (OSError, TimeoutError) as e:
-            raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
+        except TimeoutError:
+            raise TemporaryError(f"{self.where}: TLS handshake timed out") from None
+        except OSError as e:
+            reason = describe_connect_error(e, security)
+            raise TemporaryError(f"{self.where}: TLS handshake failed: {reason}") from None
         security.check_peer(self._ssl_object(), self.where)
         if p.injected:
             raise ProtocolError(f"{self.where}: unencrypted data arrived during the TLS handshake")
@@ -258,7 +263,13 @@ class IMAPClient:
         self.tls = self._tls_info()
         await self._call("CAPABILITY", p.capability())
 
-    async def _call(self, what: str, awaitable: Awaitable[T], server_hostname: str = "") -> T:
+    async def _call(
+        self,
+        what: str,
+        awaitable: Awaitable[T],
+        server_hostname: str = "",
+        security: Security | None = None,
+    ) -> T:
         """Await one library call under the deadline, translating whatever it raises."""
         try:
             async with asyncio.timeout(self.timeout):
@@ -272,7 +283,8 @@ class IMAPClient:
         except ssl.SSLError as e:
             raise translate_tls_error(e, server_hostname or self.where, self.where) from None
         except OSError as e:
-            raise TemporaryError(f"{self.where}: {what} failed: {e.strerror or e}") from None
+            reason = describe_connect_error(e, security if security and security.implicit else None)
+            raise TemporaryError(f"{self.where}: {what} failed: {reason}") from None
         except aioimaplib.CommandTimeout:
             raise TemporaryError(f"{self.where}: {what} timed out") from None
         except (aioimaplib.AioImapException, ValueError) as e:

@@ -264,7 +264,7 @@ def explain_certificate_failure(
             f"certificate for {name} is not valid before {info.not_before:%Y-%m-%d %H:%M} UTC "
             "(is this machine's clock right?)"
         )
-    if verify_code == 62 or (verify_code is None and "hostname" in reason.lower()):
+    if verify_code in (62, 64) or (verify_code is None and "mismatch" in reason.lower()):
         listed = ", ".join(info.names) or f"CN={info.subject}"
         return f"certificate is for {listed}, not for {name}"
     if verify_code == 23:
@@ -282,8 +282,8 @@ def describe_tls_error(exc: BaseException, name: str) -> str:
     """Plain words for a failed handshake, without the certificate at hand."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or exc.reason or "verification failed"
-        if exc.verify_code == 62:
-            reason = f"it is not valid for the name {name}"
+        if exc.verify_code in (62, 64):
+            reason = f"it is not valid for {name}"
         return f"certificate of {name} not trusted: {reason}"
     reason = str(getattr(exc, "reason", None) or exc or type(exc).__name__)
     if "VERSION" in reason.upper() or "UNSUPPORTED_PROTOCOL" in reason.upper():
@@ -300,6 +300,19 @@ def translate_tls_error(exc: BaseException, name: str, where: str = "") -> Excep
     if "no TLS version in common" in text:
         return PermanentError(prefix + text)
     return TemporaryError(prefix + text)
+
+
+def describe_connect_error(e: OSError, security: Security | None) -> str:
+    """Words for a failed connect; a reset during a TLS handshake usually means no common
+    TLS version (or a client certificate the server wanted)."""
+    if e.strerror:
+        return e.strerror
+    if isinstance(e, ConnectionResetError | ConnectionAbortedError) and security is not None:
+        return (
+            "connection closed during the TLS handshake (does the server support the "
+            "configured TLS versions, and does it want a client certificate?)"
+        )
+    return str(e) or type(e).__name__
 
 
 def ensure_no_buffered_plaintext(reader: StreamReader, where: str) -> None:

@@ -16,6 +16,7 @@ from fetchd.errors import PermanentError, ProtocolError, TemporaryError
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
 from fetchd.tls import (
     Security,
+    describe_connect_error,
     ensure_no_buffered_plaintext,
     tls_description,
     translate_tls_error,
@@ -94,9 +95,8 @@ class POP3Client:
         except ssl.SSLError as e:
             raise translate_tls_error(e, security.server_name, where) from None
         except OSError as e:
-            raise TemporaryError(
-                f"{where}: cannot connect to {host}:{port}: {e.strerror or e}"
-            ) from None
+            reason = describe_connect_error(e, security if implicit else None)
+            raise TemporaryError(f"{where}: cannot connect to {host}:{port}: {reason}") from None
         client = cls(reader, writer, where=where, timeout=timeout)
         try:
             if implicit:
@@ -138,8 +138,11 @@ class POP3Client:
             )
         except ssl.SSLError as e:
             raise translate_tls_error(e, security.server_name, self.where) from None
-        except (OSError, TimeoutError) as e:
-            raise TemporaryError(f"{self.where}: TLS handshake failed: {e or 'timeout'}") from None
+        except TimeoutError:
+            raise TemporaryError(f"{self.where}: TLS handshake timed out") from None
+        except OSError as e:
+            reason = describe_connect_error(e, security)
+            raise TemporaryError(f"{self.where}: TLS handshake failed: {reason}") from None
         ensure_no_buffered_plaintext(self._reader, self.where)
         security.check_peer(self._writer.get_extra_info("ssl_object"), self.where)
         self.tls = tls_description(self._writer.get_extra_info("ssl_object"))
