@@ -15,7 +15,7 @@ import sys
 
 from fetchd import __version__
 from fetchd.config import Config, load
-from fetchd.errors import ConfigError
+from fetchd.errors import ConfigError, FetchdError
 from fetchd.state import State
 from fetchd.supervisor import Supervisor
 from fetchd.tls import context_for
@@ -27,6 +27,8 @@ EXIT_OK, EXIT_ACCOUNT_FAILED, EXIT_CONFIG = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    if args.command == "probe":
+        return _probe(args)
     try:
         config = _load(args.config)
     except ConfigError as e:
@@ -70,7 +72,46 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("once", parents=[common], help="poll every account once, then exit")
     sub.add_parser("run", parents=[common], help="poll every account at its interval")
     sub.add_parser("check", parents=[common], help="validate the configuration and exit")
+    p = sub.add_parser(
+        "probe",
+        help="show a server's certificate, fingerprints and TLS verdict",
+        description="Connect to HOST[:PORT], show the certificate chain, its fingerprints "
+        "and whether fetchd would trust it, and print a tls: block to paste.",
+    )
+    p.add_argument("target", metavar="HOST[:PORT]")
+    p.add_argument("--starttls", choices=("pop3", "imap", "smtp"), help="upgrade in-band")
+    p.add_argument("--ca-file", help="trust this PEM bundle instead of the system store")
+    p.add_argument("--server-name", help="check the certificate for this name instead of HOST")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds (default 20)")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from fetchd.config import TLSSettings, split_host_port
+    from fetchd.probe import default_port, probe, report
+
+    try:
+        host, port = split_host_port(args.target, default_port(args.starttls))
+    except ValueError as e:
+        print(f"fetchd probe: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    settings = TLSSettings(
+        mode="starttls" if args.starttls else "implicit",
+        ca_file=os.path.abspath(args.ca_file) if args.ca_file else None,
+        system_ca=not args.ca_file,
+        server_name=args.server_name,
+    )
+    try:
+        result = asyncio.run(
+            probe(host, port, starttls=args.starttls, settings=settings, deadline=args.timeout)
+        )
+    except (FetchdError, ValueError) as e:
+        print(f"fetchd probe: {e}", file=sys.stderr)
+        return EXIT_ACCOUNT_FAILED
+    print(report(host, port, args.starttls, result, settings))
+    return EXIT_OK if result.ok else EXIT_ACCOUNT_FAILED
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -84,6 +125,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def _load(path: str) -> Config:
     config = load(path)
+    for warning in config.warnings:
+        logging.getLogger("fetchd").warning("%s", warning)
     for account in config.accounts:  # bad CA files are configuration errors, found now
         context_for(account.tls)
     return config

@@ -706,7 +706,16 @@ def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
     return Secret(secret)
 
 
-def _host_port(text: str, default_port: int, fail: Callable[[str], ConfigError]) -> tuple[str, int]:
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; ValueError if it is none of them."""
+
+    def fail(message: str) -> ValueError:
+        return ValueError(message)
+
+    return _host_port(text, default_port, fail)
+
+
+def _host_port(text: str, default_port: int, fail: Callable[[str], Exception]) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\s\[\]]+)(?::(\d+))?", text.strip())
     if not m:
