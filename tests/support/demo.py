@@ -32,7 +32,7 @@ def subject_of(message: bytes) -> str:
     m = re.search(rb"(?im)^Subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", message.split(b"\r\n\r\n")[0])
     if not m:
         return "(no subject)"
-    raw = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).decode("utf-8", "replace")
+    raw = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).decode("utf-8", "backslashreplace")
     try:
         text = str(make_header(decode_header(raw)))
     except Exception:
@@ -86,7 +86,7 @@ async def main() -> int:
                     {
                         "name": f"{user}-{protocol}",
                         "protocol": protocol,
-                        "host": "localhost",
+                        "host": "127.0.0.1",  # needs no name resolution
                         "port": port,
                         "user": user,
                         "password_file": secret.name,
@@ -101,7 +101,8 @@ async def main() -> int:
                     {
                         "state_file": "state.sqlite3",
                         "defaults": {
-                            "tls": {"ca_file": "ca.pem"},
+                            # The certificate names localhost and 127.0.0.1; check by name.
+                            "tls": {"ca_file": "ca.pem", "server_name": "localhost"},
                             "deliver": {"smtp": f"127.0.0.1:{sink.port}"},
                         },
                         "accounts": accounts,
