@@ -97,6 +97,9 @@ class Delivery:
     port: int
     to: tuple[str, ...]
     timeout: float = 600.0
+    # No TLS to a local MTA by default (never opportunistic, unverified STARTTLS); a remote
+    # one gets the same verified TLS as the mail servers.
+    tls: TLSSettings = TLSSettings(mode="none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +387,7 @@ SSLPROTO = {
     "tls1.2": ("TLSv1.2", "TLSv1.2"),
     "tls1.3": ("TLSv1.3", "TLSv1.3"),
 }
-_DELIVER_KEYS = ("smtp", "to", "timeout")
+_DELIVER_KEYS = ("smtp", "to", "timeout", "tls")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._:-]+)$")
 _ADDRESS_RE = re.compile(r"^[^\s<>()\[\],;:\"@]+(@[A-Za-z0-9.\-\[\]:]+)?$")
@@ -511,6 +514,16 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         if not _ADDRESS_RE.match(address):
             raise d.error("to", f"item {i} is not a mail address: {address!r}")
     deliver_timeout = d.number("timeout", 600.0, 1.0, 3600.0)
+    deliver_tls = TLSSettings(mode="none")
+    if d.has("tls"):
+        tls_section = d.section("tls")
+        deliver_tls = _tls(
+            ctx, tls_section, "implicit" if smtp_port == 465 else "starttls", warnings
+        )
+        if deliver_tls.server_name:
+            raise tls_section.error("server_name", "is not supported for delivery")
+    else:
+        d.used.add("tls")
     d.done()
     s.done()
     return Account(
@@ -521,7 +534,9 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         user=user,
         password=password,
         tls=tls,
-        deliver=Delivery(host=smtp_host, port=smtp_port, to=to, timeout=deliver_timeout),
+        deliver=Delivery(
+            host=smtp_host, port=smtp_port, to=to, timeout=deliver_timeout, tls=deliver_tls
+        ),
         folders=folders,
         keep=keep,
         interval=interval,

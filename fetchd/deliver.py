@@ -9,12 +9,14 @@ MessageRejected (5xx: a permanent refusal of this one message).
 from __future__ import annotations
 
 import socket
+import ssl
 
 import aiosmtplib
 
 from fetchd.config import Delivery
 from fetchd.errors import DeliveryDeferred, MessageRejected
 from fetchd.message import has_8bit
+from fetchd.tls import context_for, describe_tls_error
 
 
 class SMTPDelivery:
@@ -24,13 +26,20 @@ class SMTPDelivery:
         self.settings = settings
         self.where = where
         self.local_hostname = socket.gethostname() or "localhost"
+        tls = settings.tls
+        context = context_for(tls)
         self._smtp = aiosmtplib.SMTP(
             hostname=settings.host,
             port=settings.port,
             local_hostname=self.local_hostname,
-            start_tls=False,  # no opportunistic, unverified STARTTLS to a local MTA
+            # Never opportunistic: TLS exactly when configured, then verified and mandatory.
+            use_tls=tls.mode == "implicit",
+            start_tls=tls.mode == "starttls",
+            tls_context=context,
+            validate_certs=context is not None and tls.verify,
             timeout=connect_timeout,
         )
+        self._server_name = settings.host
 
     @property
     def target(self) -> str:
@@ -41,6 +50,9 @@ class SMTPDelivery:
             return
         try:
             await self._smtp.connect()
+        except ssl.SSLError as e:
+            reason = describe_tls_error(e, self._server_name)
+            raise DeliveryDeferred(f"{self.where}: MTA at {self.target}: {reason}") from None
         except (aiosmtplib.SMTPException, OSError) as e:
             raise DeliveryDeferred(
                 f"{self.where}: cannot reach the MTA at {self.target}: {_reason(e)}"

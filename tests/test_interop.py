@@ -362,3 +362,46 @@ async def test_dovecot_with_an_expired_certificate_is_refused(
         assert isinstance(outcome.error, PermanentError)
         assert "expired" in str(outcome.error)
         assert logins(server, "old") == 0
+
+
+async def test_delivery_over_verified_starttls_when_configured(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, ca: trustme.CA, tmp_path: Path
+) -> None:
+    import ssl
+
+    dovecot.deliver(mailbox_user, [b"Subject: over TLS\n\nbody\n"])
+    mta = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(mta)
+    account = configs.account(dovecot, mailbox_user, protocol="imap", mode="implicit", sink_port=0)
+    stranger = tmp_path / "stranger.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    async with smtp_sink(tls_context=mta, require_starttls=True) as sink:
+        account["deliver"]["smtp"] = f"localhost:{sink.port}"
+        account["deliver"]["tls"] = {"mode": "starttls", "ca_file": str(stranger)}
+        (outcome,) = await poll_once(configs.write([account]))
+        assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+        assert "not trusted" in str(outcome.error) or "unknown CA" in str(outcome.error)
+        assert sink.accepted == [] and dovecot.count(mailbox_user) == 1
+
+        account["deliver"]["tls"] = {"mode": "starttls", "ca_file": str(configs.ca_file)}
+        (outcome,) = await poll_once(configs.write([account]))
+        assert outcome.ok, outcome.line()
+        assert [a.tls for a in sink.accepted] == [True]
+    assert dovecot.count(mailbox_user) == 0
+
+
+async def test_no_opportunistic_starttls_to_the_local_mta(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, ca: trustme.CA
+) -> None:
+    import ssl
+
+    dovecot.deliver(mailbox_user, [b"Subject: plain\n\nbody\n"])
+    mta = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("somewhere.else").configure_cert(mta)  # would fail verification
+    async with smtp_sink(tls_context=mta) as sink:
+        account = configs.account(
+            dovecot, mailbox_user, protocol="pop3", mode="implicit", sink_port=sink.port
+        )
+        (outcome,) = await poll_once(configs.write([account]))
+    assert outcome.ok, outcome.line()
+    assert [a.tls for a in sink.accepted] == [False]

@@ -7,6 +7,7 @@ Controller cannot bind port 0). Replies can be scripted to show how fetchd handl
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class Accepted:
     rcpt_tos: tuple[str, ...]
     data: bytes
     mail_options: tuple[str, ...]
+    tls: bool = False
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Sink:
                 tuple(envelope.rcpt_tos),
                 envelope.original_content,
                 tuple(envelope.mail_options),
+                session.ssl is not None,
             )
         )
         self._arrived.set()
@@ -65,11 +68,21 @@ class _SMTP(SMTP):  # type: ignore[misc]
 
 
 @asynccontextmanager
-async def smtp_sink(**kwargs: Any) -> AsyncIterator[Sink]:
+async def smtp_sink(
+    *, tls_context: ssl.SSLContext | None = None, require_starttls: bool = False, **kwargs: Any
+) -> AsyncIterator[Sink]:
+    """A sink; with ``tls_context`` it offers STARTTLS (and insists on it if asked)."""
     sink = Sink(**kwargs)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: _SMTP(sink, hostname="mta.test", data_size_limit=None, enable_SMTPUTF8=True),
+        lambda: _SMTP(
+            sink,
+            hostname="mta.test",
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            tls_context=tls_context,
+            require_starttls=require_starttls,
+        ),
         "127.0.0.1",
         0,
     )
