@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -85,3 +87,37 @@ async def test_run_polls_at_its_interval_and_stops_cleanly_on_sigterm(
     assert dovecot.count(mailbox_user) == 0
     assert account["password"] not in err.decode()
     assert (configs.directory / "state.sqlite3").exists()
+
+
+async def test_probe_shows_chain_fingerprints_and_verdict(dovecot: Dovecot, ca_file: Path) -> None:
+    imaps = f"localhost:{dovecot.ports['imaps']}"
+    status, out, err = await fetchd("probe", imaps, "--ca-file", str(ca_file))
+    assert status == 0, out + err
+    assert "verdict: OK: trusted" in out
+    assert "names:    localhost, 127.0.0.1" in out
+    leaf_pem = (
+        dovecot.cert_pem.split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
+    )
+    der = ssl.PEM_cert_to_DER_cert(leaf_pem.decode())
+    sha256 = hashlib.sha256(der).hexdigest().upper()
+    assert ":".join(sha256[i : i + 2] for i in range(0, 64, 2)) in out
+    assert "pin-sha256:" in out and "mode: implicit" in out
+
+    status, out, _ = await fetchd(
+        "probe", f"127.0.0.1:{dovecot.ports['pop3']}", "--starttls", "pop3"
+    )
+    assert status == 1
+    assert "STARTTLS pop3" in out and "NOT TRUSTED" in out and "unknown CA" in out
+    assert "mode: starttls" in out
+
+    status, out, _ = await fetchd(
+        "probe",
+        f"127.0.0.1:{dovecot.ports['imap']}",
+        "--starttls",
+        "imap",
+        "--ca-file",
+        str(ca_file),
+        "--server-name",
+        "mail.example.net",
+    )
+    assert status == 1 and "not for mail.example.net" in out
