@@ -552,10 +552,12 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
             if key in t.entries:
                 raise t.error(alias, f"is fetchmail's name for {key}; give only one of them")
             t.entries[key] = t.entries.pop(alias)
-    sslproto = t.text("sslproto", None) if t.has("sslproto") else None
-    if sslproto is None and "sslproto" in t.entries:  # sslproto: '' or null
-        t.used.add("sslproto")
-        sslproto = ""
+    sslproto: str | None = None
+    if (node := t.node_of("sslproto")) is not None:
+        raw = t.ctx.value(node)
+        sslproto = "" if raw is None else raw  # sslproto '' (or empty): no TLS, as in fetchmail
+        if not isinstance(sslproto, str):
+            raise t.error("sslproto", f"must be a text such as 'tls1.2+', not {_show(raw)}")
     mode: TLSMode | None = t.choice("mode", ("implicit", "starttls", "none"), None)
     if sslproto == "":
         if mode not in (None, "none"):

@@ -198,3 +198,77 @@ def test_state_file_default_follows_systemd(tmp_path: Path) -> None:
         write(tmp_path, BASE), environ={"ALICE_PW": "p", "STATE_DIRECTORY": "/var/lib/fetchd"}
     )
     assert config.state_file == "/var/lib/fetchd/state.sqlite3"
+
+
+def tls_of(tmp_path: Path, tls: str) -> object:
+    text = BASE + f"    tls: {tls}\n"
+    return load(write(tmp_path, text), environ={"ALICE_PW": "pw"})
+
+
+def test_tls_versions_and_fetchmail_sslproto_words(tmp_path: Path) -> None:
+    config = tls_of(tmp_path, "{min_version: 1.3}")
+    assert config.accounts[0].tls.min_version == "TLSv1.3"  # type: ignore[attr-defined]
+    config = tls_of(tmp_path, "{sslproto: 'tls1.2'}")
+    tls = config.accounts[0].tls  # type: ignore[attr-defined]
+    assert (tls.min_version, tls.max_version) == ("TLSv1.2", "TLSv1.2")
+    config = tls_of(tmp_path, "{sslproto: 'tls1+'}")
+    assert config.accounts[0].tls.min_version == "TLSv1"  # type: ignore[attr-defined]
+    assert any("obsolete" in w for w in config.warnings)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"tls.sslproto: ssl3: SSL 2 and 3 are broken"):
+        tls_of(tmp_path, "{sslproto: ssl3}")
+    with pytest.raises(ConfigError, match=r"tls.min_version: sslv3: SSL 2 and 3 are broken"):
+        tls_of(tmp_path, "{min_version: SSLv3}")
+    with pytest.raises(ConfigError, match=r"tls.max_version: TLSv1.2 is older than min_version"):
+        tls_of(tmp_path, "{min_version: '1.3', max_version: '1.2'}")
+    with pytest.raises(ConfigError, match=r"no TLS sends the password unencrypted"):
+        tls_of(tmp_path, "{sslproto: ''}")
+    assert tls_of(tmp_path, "{sslproto: '', allow_plaintext: true}").accounts[0].tls.mode == "none"  # type: ignore[attr-defined]
+
+
+def test_fetchmail_aliases_and_conflicts(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    tls = (
+        tls_of(tmp_path, "{sslcertck: false, sslcertfile: ca.pem, sslcommonname: mail.example.net}")
+        .accounts[0]
+        .tls
+    )  # type: ignore[attr-defined]
+    assert (tls.verify, tls.ca_file, tls.server_name) == (
+        False,
+        str(tmp_path / "ca.pem"),
+        "mail.example.net",
+    )
+    assert tls.system_ca is False, "a CA file replaces the system store, as in fetchmail"
+    with pytest.raises(ConfigError, match=r"sslcertfile: is fetchmail's name for ca_file"):
+        tls_of(tmp_path, "{sslcertfile: ca.pem, ca_file: ca.pem}")
+
+
+@pytest.mark.parametrize(
+    ("pin", "normal"),
+    [
+        ("6c:ad:be:5a:bf:67:ee:47:35:16:93:3d:c2:f7:55:c4", "md5:6CADBE5ABF67EE473516933DC2F755C4"),
+        ("6CADBE5ABF67EE473516933DC2F755C4", "md5:6CADBE5ABF67EE473516933DC2F755C4"),
+        ("{SHA256}" + "AB:" * 31 + "CD", "sha256:" + "AB" * 31 + "CD"),
+        ("sha256:" + "ab" * 32, "sha256:" + "AB" * 32),
+        ("sha1=" + "0a" * 20, "sha1:" + "0A" * 20),
+        (
+            "pin-sha256:qD+Tiurzoc1HWC56XxN56OjWeM29fvjwN74tgBmo9Ck=",
+            "pin-sha256:qD+Tiurzoc1HWC56XxN56OjWeM29fvjwN74tgBmo9Ck=",
+        ),
+    ],
+)
+def test_fingerprint_forms_are_normalised(tmp_path: Path, pin: str, normal: str) -> None:
+    tls = tls_of(tmp_path, f"{{fingerprints: ['{pin}']}}").accounts[0].tls  # type: ignore[attr-defined]
+    assert tls.fingerprints == (normal,)
+
+
+@pytest.mark.parametrize(
+    "pin", ["AB:CD", "sha256:" + "AB" * 16, "pin-sha256:notbase64!", "zz" * 16]
+)
+def test_bad_fingerprints_are_errors(tmp_path: Path, pin: str) -> None:
+    with pytest.raises(ConfigError, match=r"tls.fingerprints: item 0 is not a fingerprint"):
+        tls_of(tmp_path, f"{{fingerprints: ['{pin}']}}")
+
+
+def test_verify_off_without_pin_warns(tmp_path: Path) -> None:
+    config = tls_of(tmp_path, "{verify: false}")
+    assert any("verify is off and no fingerprint" in w for w in config.warnings)  # type: ignore[attr-defined]
