@@ -398,7 +398,15 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
     Raises ConfigError for anything wrong, with file, line and key path in the message.
     """
-    path = os.fspath(path)
+    try:
+        return _load(os.fspath(path), environ)
+    except RecursionError:
+        raise ConfigError(
+            f"{os.fspath(path)}: nested too deeply, or an alias (*name) refers to itself"
+        ) from None
+
+
+def _load(path: str, environ: Mapping[str, str] | None) -> Config:
     env: Mapping[str, str] = os.environ if environ is None else environ
     ctx = _Ctx(path)
     try:
@@ -704,6 +712,8 @@ def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
     if key == "password_env":
         if value not in env:
             raise s.error(key, f"environment variable {value} is not set")
+        if not env[value] or re.search(r"[\x00\r\n]", env[value]):
+            raise s.error(key, f"environment variable {value} is empty or holds a line break")
         return Secret(env[value])
     path = ctx.path(value)
     try:
@@ -720,6 +730,8 @@ def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
         raise s.error(key, f"{path} is not UTF-8 text") from None
     if not secret:
         raise s.error(key, f"{path} is empty")
+    if re.search(r"[\x00\r\n]", secret):
+        raise s.error(key, f"{path} holds more than one line, or a NUL byte")
     return Secret(secret)
 
 

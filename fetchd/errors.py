@@ -4,7 +4,8 @@
     ├── ConfigError      refuse to start; on reload keep the old config
     ├── TemporaryError   retry the account later (network, timeouts, 4xx, server busy)
     │   ├── ProtocolError     the peer sent something we cannot parse (retry, logged loudly)
-    │   └── DeliveryDeferred  the MTA cannot take mail now: stop fetching, keep the rest
+    │   ├── DeliveryDeferred  the MTA cannot take mail now: stop fetching, keep the rest
+    │   └── MessageUnavailable  the server would not give this one message: skip it
     ├── PermanentError   park the account until a human acts (auth, certificate, no TLS)
     └── MessageRejected  the MTA refused one message for good (5xx): policy decides
 
@@ -33,6 +34,10 @@ class ProtocolError(TemporaryError):
 
 class DeliveryDeferred(TemporaryError):
     """The MTA did not take the message now (4xx, down, timeout): keep it, retry later."""
+
+
+class MessageUnavailable(TemporaryError):
+    """The server would not give one message now (refused, cut short): skip it, go on."""
 
 
 class PermanentError(FetchdError):

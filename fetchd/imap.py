@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import aioimaplib
 
-from fetchd.errors import PermanentError, ProtocolError, TemporaryError
+from fetchd.deadline import Progress
+from fetchd.errors import MessageUnavailable, PermanentError, ProtocolError, TemporaryError
 from fetchd.tls import Security, describe_connect_error, tls_description, translate_tls_error
 
 # The library logs whole message bodies at DEBUG; never let them reach a log file.
@@ -29,11 +30,21 @@ logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 logging.getLogger("aioimaplib.aioimaplib").setLevel(logging.WARNING)
 
 T = TypeVar("T")
-_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d{1,20})\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _EXISTS = re.compile(rb"^(\d+) EXISTS$")
 _FETCH_UID = re.compile(rb"\bUID (\d+)\b")
 _LITERAL = re.compile(rb"BODY\[\] \{(\d+)\}$")
+_RFC822_SIZE = re.compile(rb"\bRFC822\.SIZE (\d{1,15})\b")
+# What may follow the message literal up to the closing parenthesis: more FETCH items.
+_FETCH_TAIL = re.compile(
+    rb"^(?: [A-Za-z0-9.\-]+(?:\[[^\]\r\n]*\])?(?:<\d+>)?"  # item name, e.g. FLAGS
+    rb' (?:\([^()\r\n]*\)|"[^"\r\n]*"|[^ ()"\r\n]+))*'  # its value
+    rb"\)$"
+)
+MAX_UID = 2**32 - 1  # UIDs and UIDVALIDITY are 32-bit (RFC 3501 nz-number)
+EXPUNGE_BATCH = 200
+MAX_LINE = 16 << 20  # a UID SEARCH of a million messages is about 8 MB on one line
 
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
@@ -48,9 +59,12 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.lost: BaseException | None = None
         self.incomplete_line: bytes = b""
         self.current_command: Any = None
+        self.received_bytes = 0
+        self.secrets: list[str] = []  # kept out of every error text
 
     def data_received(self, d: bytes) -> None:
         # Same as the library's, without formatting every chunk for a disabled debug log.
+        self.received_bytes += len(d)
         if self.starttls_answered:
             self.injected = True  # bytes after the STARTTLS reply, before the handshake
             return
@@ -63,8 +77,14 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         except aioimaplib.IncompleteRead as incomplete:
             self.current_command = incomplete.cmd
             self.incomplete_line = incomplete.data
+            if len(self.incomplete_line) > MAX_LINE:  # literals do not count: they are apart
+                self._fail_all(ProtocolError(f"server sent a line longer than {MAX_LINE} bytes"))
+                if self.transport is not None:
+                    self.transport.close()
         except Exception as e:  # a parse failure: fail every waiter instead of hanging them
-            self._fail_all(ProtocolError(f"unparsable server response: {e}"))
+            # The library's message may quote our pending command, password included.
+            reason = _scrub(str(e), self.secrets)[:300]
+            self._fail_all(ProtocolError(f"unparsable server response: {reason}"))
             if self.transport is not None:
                 self.transport.close()
 
@@ -270,12 +290,38 @@ class IMAPClient:
         server_hostname: str = "",
         security: Security | None = None,
     ) -> T:
-        """Await one library call under the deadline, translating whatever it raises."""
+        """Await one library call, translating whatever it raises.
+
+        The deadline moves with the data (see fetchd.deadline): a big message arriving slowly
+        but steadily is fetched, a server that trickles or goes silent is given up on.
+        """
+        loop = asyncio.get_running_loop()
+        p = self._proto
+        progress = Progress(self.timeout, loop.time())
+        start_bytes = p.received_bytes
+        task = asyncio.ensure_future(awaitable)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await awaitable
-        except (TemporaryError, PermanentError):
-            raise
+            while True:
+                before = p.received_bytes
+                progress.received = before - start_bytes
+                remaining = progress.remaining(loop.time())
+                if remaining <= 0:
+                    raise TemporaryError(
+                        f"{self.where}: {what}: server sends too slowly ({progress.received} "
+                        f"bytes in {loop.time() - progress.start:.0f} s); giving up"
+                    )
+                wait = min(remaining, self.timeout)
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if task in done:
+                    return task.result()
+                if p.received_bytes == before and wait >= self.timeout:
+                    raise TemporaryError(
+                        f"{self.where}: no answer to {what} within {self.timeout:g} s"
+                    )
+        except (TemporaryError, PermanentError) as e:
+            if str(e).startswith(self.where):
+                raise
+            raise type(e)(f"{self.where}: {what}: {_scrub(str(e), p.secrets)}") from None
         except TimeoutError:
             raise TemporaryError(
                 f"{self.where}: no answer to {what} within {self.timeout:g} s"
@@ -288,7 +334,11 @@ class IMAPClient:
         except aioimaplib.CommandTimeout:
             raise TemporaryError(f"{self.where}: {what} timed out") from None
         except (aioimaplib.AioImapException, ValueError) as e:
-            raise ProtocolError(f"{self.where}: {what} failed: {e}") from None
+            text = _scrub(str(e), p.secrets)
+            raise ProtocolError(f"{self.where}: {what} failed: {text}") from None
+        finally:
+            if not task.done():
+                task.cancel()
 
     def close(self) -> None:
         transport = self._proto.transport
@@ -306,8 +356,9 @@ class IMAPClient:
         if p.state == aioimaplib.AUTH:
             return  # PREAUTH on a connection the user chose to leave plaintext
         caps = self.capabilities
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        p.secrets = [password, _quote(password), token]
         if "AUTH=PLAIN" in caps:
-            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
             if "SASL-IR" in caps:
                 command = aioimaplib.Command(
                     "AUTHENTICATE", p.new_tag(), "PLAIN", token, loop=p.loop
@@ -360,6 +411,8 @@ class IMAPClient:
                 exists = int(m.group(1))
         if uidvalidity is None:
             raise ProtocolError(f"{self.where}: server gave no UIDVALIDITY for {folder!r}")
+        if not 0 < uidvalidity <= MAX_UID:
+            raise ProtocolError(f"{self.where}: UIDVALIDITY {uidvalidity} is out of range")
         return FolderStatus(uidvalidity, uidnext, exists or 0)
 
     async def uids(self) -> list[int]:
@@ -368,35 +421,58 @@ class IMAPClient:
         response = await self._call("UID SEARCH", p.search("ALL", charset=None, by_uid=True))
         if response.result != "OK":
             raise TemporaryError(f"{self.where}: UID SEARCH failed: {_text(response)}")
-        return _search_result(response.lines)
+        try:
+            return _search_result(response.lines)
+        except ProtocolError as e:
+            raise ProtocolError(f"{self.where}: {e}") from None
 
     async def fetch(self, uid: int) -> bytes:
-        """The whole message, byte-exact, without setting \\Seen."""
+        """The whole message, byte-exact, without setting \\Seen.
+
+        Raises MessageUnavailable when the server refuses this one message or sends fewer
+        bytes than its RFC822.SIZE, ProtocolError when the response does not add up.
+        """
         p = self._proto
         response = await self._call(
             f"UID FETCH {uid}",
             p.fetch(str(uid), "(UID RFC822.SIZE BODY.PEEK[])", by_uid=True, timeout=self.timeout),
         )
         if response.result != "OK":
-            raise TemporaryError(f"{self.where}: fetching UID {uid} failed: {_text(response)}")
+            raise MessageUnavailable(f"{self.where}: server refused UID {uid}: {_text(response)}")
         lines = response.lines
-        for i, line in enumerate(lines[:-1]):
+        for i, line in enumerate(lines[:-2]):
             if not isinstance(line, bytes) or b"FETCH" not in line:
                 continue
             m_uid = _FETCH_UID.search(line)
             m_lit = _LITERAL.search(line)
-            if m_lit and m_uid and int(m_uid.group(1)) == uid:
-                body = lines[i + 1]
-                if not isinstance(body, bytes | bytearray) or len(body) != int(m_lit.group(1)):
-                    raise ProtocolError(f"{self.where}: UID {uid}: literal length mismatch")
-                return bytes(body)
+            if not (m_lit and m_uid and int(m_uid.group(1)) == uid):
+                continue
+            body, tail = lines[i + 1], lines[i + 2]
+            if not isinstance(body, bytes | bytearray) or len(body) != int(m_lit.group(1)):
+                raise ProtocolError(f"{self.where}: UID {uid}: literal length mismatch")
+            if not isinstance(tail, bytes) or not _FETCH_TAIL.match(tail):
+                # More data than the literal announced: the message would be cut short.
+                raise ProtocolError(
+                    f"{self.where}: UID {uid}: data after the message literal: {bytes(tail)[:60]!r}"
+                )
+            m_size = _RFC822_SIZE.search(line) or _RFC822_SIZE.search(tail)
+            if m_size and len(body) < int(m_size.group(1)):
+                raise MessageUnavailable(
+                    f"{self.where}: UID {uid} came with {len(body)} bytes where RFC822.SIZE "
+                    f"is {int(m_size.group(1))}: not delivered, it may be cut short"
+                )
+            return bytes(body)
         raise ProtocolError(f"{self.where}: server sent no body for UID {uid}")
 
     async def delete(self, uids: Iterable[int]) -> None:
         """Flag the messages \\Deleted and expunge exactly those (UIDPLUS), never others."""
         wanted = sorted(set(uids))
-        if not wanted:
-            return
+        # In batches: aioimaplib parses a response recursively, one stack frame per line, and
+        # UID EXPUNGE answers with one line per message.
+        for start in range(0, len(wanted), EXPUNGE_BATCH):
+            await self._delete_batch(wanted[start : start + EXPUNGE_BATCH])
+
+    async def _delete_batch(self, wanted: list[int]) -> None:
         uid_set = compress_uids(wanted)
         p = self._proto
         response = await self._call(
@@ -433,7 +509,11 @@ def _search_result(lines: list[Any]) -> list[int]:
             words = bytes(line).split()
             if words and words[0].upper() == b"SEARCH":
                 words = words[1:]
-            uids.extend(int(w) for w in words if w.isdigit())
+            for w in words:
+                if w.isdigit():
+                    if len(w) > 10 or int(w) > MAX_UID:
+                        raise ProtocolError(f"UID out of range in a search result: {w[:20]!r}")
+                    uids.append(int(w))
     return uids
 
 
@@ -446,6 +526,13 @@ def compress_uids(uids: list[int]) -> str:
         else:
             runs.append([uid, uid])
     return ",".join(str(a) if a == b else f"{a}:{b}" for a, b in runs)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "********")
+    return text
 
 
 def _quote(text: str) -> str:

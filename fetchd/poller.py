@@ -7,6 +7,7 @@ not accepted.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import TypeVar
 
 from fetchd.config import Account
 from fetchd.deliver import SMTPDelivery
-from fetchd.errors import DeliveryDeferred, FetchdError, MessageRejected
+from fetchd.errors import DeliveryDeferred, FetchdError, MessageRejected, MessageUnavailable
 from fetchd.imap import IMAPClient
 from fetchd.message import envelope_sender, received_header
 from fetchd.pop3.client import POP3Client
@@ -38,6 +39,7 @@ class PollResult:
     fetched: int = 0
     delivered: int = 0
     rejected: int = 0
+    skipped: int = 0
     deleted: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
@@ -48,6 +50,8 @@ class PollResult:
             parts.append(f"{self.deleted} deleted on the server")
         if self.rejected:
             parts.append(f"{self.rejected} refused by the MTA (kept on the server)")
+        if self.skipped:
+            parts.append(f"{self.skipped} the server would not give (kept, retried)")
         return ", ".join(parts)
 
 
@@ -149,34 +153,60 @@ class Poller:
             await client.login(a.user, a.password.reveal())
             listing = await client.listing()
             seen = await self.state.seen(a.name, "", 0)
-            new = [m for m in listing if m.uid not in seen]
-            done = [m for m in listing if m.uid in seen]  # delivered before, still there
+            # A UID shared by several messages cannot tell them apart: those are fetched every
+            # time and known by UID plus a digest of their bytes (docs/architecture.md).
+            new = [m for m in listing if m.duplicate or m.uid not in seen]
+            done = [m for m in listing if not m.duplicate and m.uid in seen]
+            on_server = {m.uid for m in listing if not m.duplicate}
+            if len(on_server) < len(listing):
+                log.warning("%s: the server gives several messages the same UID", self.where)
             deferred: DeliveryDeferred | None = None
-            async for msg, body in client.retrieve(new):
+            complete = True
+            async for got in client.retrieve(new):
+                msg = got.message
+                if got.body is None:
+                    self._skip(got.problem or "unavailable")
+                    continue
+                key = msg.uid
+                if msg.duplicate:
+                    key = f"{msg.uid}\t{hashlib.sha256(got.body).hexdigest()[:32]}"
+                    on_server.add(key)
+                    if key in seen:
+                        done.append(msg)
+                        continue
                 try:
                     ok = await self._deliver(
-                        body, protocol="POP3", tls=client.tls, peer=client.peer, ident=msg.uid
+                        got.body, protocol="POP3", tls=client.tls, peer=client.peer, ident=msg.uid
                     )
                 except DeliveryDeferred as e:
                     deferred = e  # the MTA is unwell: stop, but delete what it did accept
+                    complete = False
                     break
                 if ok:
-                    await self.state.record(a.name, "", 0, msg.uid)
+                    await self.state.record(a.name, "", 0, key)
                     done.append(msg)
                 if self.stopping():
+                    complete = False
                     break
             if not a.keep:
                 await client.delete(m.number for m in done)
             await client.quit()  # deletions take effect only now
-            on_server = {m.uid for m in listing}
             if not a.keep:
                 self.result.deleted += len(done)
                 on_server -= {m.uid for m in done}
-            await self.state.forget(a.name, "", 0, seen - on_server)
+            if complete:  # keys of duplicates not fetched this time are unknown: keep them
+                await self.state.forget(a.name, "", 0, seen - on_server)
             if deferred is not None:
                 raise deferred
         finally:
             client.close()
+
+    def _skip(self, problem: str) -> None:
+        """One message could not be had; it stays on the server and the others go on."""
+        self.result.skipped += 1
+        message = f"{self.where}: {problem}"
+        self.result.problems.append(message)
+        log.warning("%s", message)
 
     # -- IMAP ---------------------------------------------------------------------------------
 
@@ -215,7 +245,11 @@ class Poller:
         for uid in uids:
             if str(uid) in seen:
                 continue
-            body = await client.fetch(uid)
+            try:
+                body = await client.fetch(uid)
+            except MessageUnavailable as e:
+                self._skip(str(e).removeprefix(f"{self.where}: "))
+                continue
             try:
                 ok = await self._deliver(
                     body, protocol="IMAP", tls=client.tls, peer=client.peer, ident=f"{folder}/{uid}"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
+from fetchd.deadline import Progress
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
 from fetchd.tls import (
@@ -37,6 +39,16 @@ class Listing:
     number: int
     uid: str
     size: int
+    duplicate: bool = False  # another message has the same UIDL: the UID alone cannot track it
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """A message's bytes, or why the server would not give them (the others go on)."""
+
+    message: Listing
+    body: bytes | None
+    problem: str | None = None
 
 
 class POP3Client:
@@ -158,15 +170,23 @@ class POP3Client:
         self._writer.write(self._proto.send(name, *args))
 
     async def _reply(self) -> Reply:
+        loop = asyncio.get_running_loop()
+        progress = Progress(self.timeout, loop.time())
         while True:
             reply = self._proto.next_reply()
             if reply is not NEED_DATA:
                 assert isinstance(reply, Reply)
                 return reply
+            remaining = progress.remaining(loop.time())
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(min(self.timeout, max(remaining, 0))):
                     data = await self._reader.read(READ_SIZE)
             except TimeoutError:
+                if remaining < self.timeout:
+                    raise TemporaryError(
+                        f"{self.where}: server sends too slowly ({progress.received} bytes in "
+                        f"{loop.time() - progress.start:.0f} s); giving up"
+                    ) from None
                 raise TemporaryError(
                     f"{self.where}: server sent nothing for {self.timeout:g} s"
                 ) from None
@@ -176,6 +196,7 @@ class POP3Client:
                 raise TemporaryError(f"{self.where}: connection lost: {e.strerror or e}") from None
             if not data:
                 raise TemporaryError(f"{self.where}: server closed the connection")
+            progress.received += len(data)
             self._proto.receive_data(data)
 
     def peer_certificate(self) -> bytes | None:
@@ -244,9 +265,10 @@ class POP3Client:
             if reply.ok:
                 reply = await self.command("PASS", password)
         if not reply.ok:
-            error = self._error("login", reply)
-            if isinstance(error, TemporaryError):
-                raise error
+            if reply.code in TEMPORARY_CODES:
+                raise self._error("login", reply)
+            # No code, [AUTH] or anything else: the credentials were refused. Retrying every
+            # few minutes would only lock the account; it waits for a human instead.
             raise PermanentError(f"{self.where}: login failed: {_text(reply)}")
 
     async def listing(self) -> list[Listing]:
@@ -266,14 +288,23 @@ class POP3Client:
         if not sizes.ok:
             raise self._error("LIST", sizes)
         uids = _parse_pairs(uidl, self.where, "UIDL")
-        size_of = {n: int(s) for n, s in _parse_pairs(sizes, self.where, "LIST") if s.isdigit()}
-        return [Listing(n, uid, size_of.get(n, 0)) for n, uid in uids]
+        size_of: dict[int, int] = {}
+        for number, rest in _parse_pairs(sizes, self.where, "LIST"):
+            size = rest.split(b" ")[0]
+            if size.isdigit() and len(size) <= 15:  # otherwise unknown: no size check
+                size_of[number] = int(size)
+        counts = Counter(rest for _, rest in uids)
+        return [
+            Listing(number, uid_key(rest), size_of.get(number, 0), counts[rest] > 1)
+            for number, rest in uids
+        ]
 
-    async def retrieve(self, messages: Iterable[Listing]) -> AsyncIterator[tuple[Listing, bytes]]:
+    async def retrieve(self, messages: Iterable[Listing]) -> AsyncIterator[Retrieved]:
         """RETR each message in turn, pipelined when the server allows it.
 
-        Yields the message and its bytes; the server may already be sending the next ones,
-        bounded by PIPELINE_BYTES of outstanding data.
+        The server may already be sending the next messages, bounded by PIPELINE_BYTES of
+        outstanding data. A message the server refuses, or sends shorter than LIST said (cut
+        short, or a bare "." line it did not stuff), comes with a problem and no body.
         """
         todo = list(messages)
         await self._drain_replies()
@@ -296,9 +327,17 @@ class POP3Client:
             reply = await self._reply()
             outstanding -= msg.size
             if not reply.ok:
-                raise self._error(f"RETR {msg.number}", reply)
-            assert reply.body is not None
-            yield msg, reply.body
+                yield Retrieved(msg, None, f"server refused RETR {msg.number}: {_text(reply)}")
+            elif reply.body is None or len(reply.body) < msg.size:
+                got = len(reply.body or b"")
+                yield Retrieved(
+                    msg,
+                    None,
+                    f"message {msg.number} came with {got} bytes where LIST announced "
+                    f"{msg.size}: not delivered, it may be cut short",
+                )
+            else:
+                yield Retrieved(msg, reply.body)
 
     async def delete(self, numbers: Iterable[int]) -> None:
         """DELE each message (pipelined when allowed); they go only when QUIT succeeds."""
@@ -331,11 +370,23 @@ def _text(reply: Reply) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200] or "(no text)"
 
 
-def _parse_pairs(reply: Reply, where: str, what: str) -> list[tuple[int, str]]:
-    pairs: list[tuple[int, str]] = []
+def _parse_pairs(reply: Reply, where: str, what: str) -> list[tuple[int, bytes]]:
+    """``n rest`` lines of UIDL or LIST: the message number and the rest of the line."""
+    pairs: list[tuple[int, bytes]] = []
     for line in reply.lines():
-        parts = line.split()
-        if len(parts) < 2 or not parts[0].isdigit():
+        number, _, rest = line.strip(b" \t").partition(b" ")
+        rest = rest.strip(b" \t")
+        if not number.isdigit() or len(number) > 10 or not rest:
             raise ProtocolError(f"{where}: malformed {what} line: {line[:80]!r}")
-        pairs.append((int(parts[0]), parts[1].decode("ascii", "replace")))
+        pairs.append((int(number), rest))
     return pairs
+
+
+def uid_key(raw: bytes) -> str:
+    """A UIDL as stored in the state: the UID itself when it is printable ASCII (spaces
+    included, as some servers send them), else a tab and its hex. No two UIDs share a key: a
+    printable UID never contains a tab.
+    """
+    if all(0x20 <= b <= 0x7E for b in raw):
+        return raw.decode("ascii")
+    return "\t" + raw.hex()
