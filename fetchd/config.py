@@ -624,6 +624,11 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
     password_file = existing("client_key_password_file", "file")
     if password_file:
         with open(password_file, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise t.error(
+                    "client_key_password_file",
+                    f"{password_file} is readable or writable by everyone: chmod 600 it",
+                )
             key_password = Secret(f.read().decode("utf-8", "replace").rstrip("\r\n"))
     fingerprints = tuple(_pin(t, i, raw) for i, raw in enumerate(t.text_list("fingerprints", ())))
     if not verify and not fingerprints:

@@ -88,7 +88,10 @@ def build_context(settings: TLSSettings) -> ssl.SSLContext:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         if settings.client_cert:
-            what = f"the client certificate {settings.client_cert}"
+            what = (
+                f"the client certificate {settings.client_cert} and its key (is the key "
+                "passphrase right, and do they belong together?)"
+            )
             password = settings.client_key_password
             ctx.load_cert_chain(
                 settings.client_cert,

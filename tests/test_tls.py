@@ -423,3 +423,43 @@ async def test_version_floor_not_met(
     async with tls_server(protocol, mode, ctx) as (port, rec):
         outcome = await poll(configs, protocol, mode, port, sslproto="tls1.2")
     assert_tls_passed(outcome, rec)
+
+
+async def test_encrypted_client_key_with_a_passphrase_file(
+    configs: ConfigWriter, ca: trustme.CA, leaf: trustme.LeafCert, tmp_path: Path
+) -> None:
+    client = ca.issue_cert("fetchd@example.org")
+    key = serialization.load_pem_private_key(client.private_key_pem.bytes(), None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"key passphrase"),
+    )
+    cert, key_file, phrase = tmp_path / "c.pem", tmp_path / "c.key", tmp_path / "c.pass"
+    cert.write_bytes(b"".join(p.bytes() for p in client.cert_chain_pems))
+    key_file.write_bytes(encrypted)
+    phrase.write_text("key passphrase\n")
+    phrase.chmod(0o600)
+    ctx = server_context(leaf, client_ca=ca)
+    async with tls_server("imap", "implicit", ctx) as (port, rec):
+        outcome = await poll(
+            configs,
+            "imap",
+            "implicit",
+            port,
+            client_cert=str(cert),
+            client_key=str(key_file),
+            client_key_password_file=str(phrase),
+        )
+    assert_tls_passed(outcome, rec)
+    phrase.write_text("wrong\n")
+    outcome = await poll(
+        configs,
+        "imap",
+        "implicit",
+        port,
+        client_cert=str(cert),
+        client_key=str(key_file),
+        client_key_password_file=str(phrase),
+    )
+    assert "is the key passphrase right" in str(outcome.error), outcome.line()
