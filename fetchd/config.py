@@ -13,6 +13,7 @@ import binascii
 import difflib
 import os
 import re
+import shlex
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -90,16 +91,46 @@ class TLSSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
-    """Where retrieved messages go: an SMTP listener and the envelope recipients."""
+class Multidrop:
+    """Recipients from an envelope header the receiving server added, for local domains."""
 
-    host: str
-    port: int
-    to: tuple[str, ...]
+    header: str
+    local_domains: tuple[str, ...]
+    map: tuple[tuple[str, str], ...] = ()
+    fallback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where retrieved messages go, and what to do when they are refused."""
+
+    kind: Literal["smtp", "lmtp", "mda"] = "smtp"
+    host: str = "localhost"
+    port: int = 25
+    socket: str | None = None  # a Unix socket instead of host:port
+    mda: tuple[str, ...] = ()
+    to: tuple[str, ...] = ()
+    sender: str | None = None  # None: the message's Return-Path
+    received_header: bool = True
     timeout: float = 600.0
     # No TLS to a local MTA by default (never opportunistic, unverified STARTTLS); a remote
     # one gets the same verified TLS as the mail servers.
     tls: TLSSettings = TLSSettings(mode="none")
+    batch_limit: int = 0  # messages per connection; 0: no limit
+    on_reject: tuple[tuple[str, str], ...] = (("default", "keep"),)
+    quarantine: str | None = None
+    multidrop: Multidrop | None = None
+
+    def reject_action(self, code: int) -> str:
+        """keep, delete or redirect, for a permanent refusal with this reply code."""
+        table = dict(self.on_reject)
+        return table.get(str(code)) or table.get(f"{code // 100}xx") or table.get("default", "keep")
+
+    def target(self) -> str:
+        if self.kind == "mda":
+            return f"MDA {self.mda[0]}"
+        where = self.socket or f"{self.host}:{self.port}"
+        return f"{self.kind.upper()} {where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +418,22 @@ SSLPROTO = {
     "tls1.2": ("TLSv1.2", "TLSv1.2"),
     "tls1.3": ("TLSv1.3", "TLSv1.3"),
 }
-_DELIVER_KEYS = ("smtp", "to", "timeout", "tls")
+_DELIVER_KEYS = (
+    "smtp",
+    "lmtp",
+    "mda",
+    "to",
+    "sender",
+    "received_header",
+    "timeout",
+    "tls",
+    "batch_limit",
+    "on_reject",
+    "quarantine",
+    "multidrop",
+)
+_MULTIDROP_KEYS = ("header", "local_domains", "map", "fallback")
+_REJECT_ACTIONS = ("keep", "delete", "redirect")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._:-]+)$")
 _ADDRESS_RE = re.compile(r"^[^\s<>()\[\],;:\"@]+(@[A-Za-z0-9.\-\[\]:]+)?$")
@@ -510,29 +556,7 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
     interval = s.number("interval", 300.0, 1.0, 7 * 86400.0)
     timeout = s.number("timeout", 60.0, 1.0, 3600.0)
 
-    d = s.section("deliver").expect(*_DELIVER_KEYS)
-    if not d.entries:
-        raise s.error("deliver", "is required: where should the mail go? e.g. smtp: localhost:25")
-    smtp = d.text("smtp", "localhost:25")
-    smtp_host, smtp_port = _host_port(smtp, 25, lambda m: d.error("smtp", m))
-    to = d.text_list("to", ())
-    if not to:
-        raise d.error("to", "is required: the local address(es) to deliver to")
-    for i, address in enumerate(to):
-        if not _ADDRESS_RE.match(address):
-            raise d.error("to", f"item {i} is not a mail address: {address!r}")
-    deliver_timeout = d.number("timeout", 600.0, 1.0, 3600.0)
-    deliver_tls = TLSSettings(mode="none")
-    if d.has("tls"):
-        tls_section = d.section("tls")
-        deliver_tls = _tls(
-            ctx, tls_section, "implicit" if smtp_port == 465 else "starttls", warnings
-        )
-        if deliver_tls.server_name:
-            raise tls_section.error("server_name", "is not supported for delivery")
-    else:
-        d.used.add("tls")
-    d.done()
+    deliver = _delivery(ctx, s.section("deliver"), warnings)
     s.done()
     return Account(
         name=name,
@@ -542,14 +566,122 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         user=user,
         password=password,
         tls=tls,
-        deliver=Delivery(
-            host=smtp_host, port=smtp_port, to=to, timeout=deliver_timeout, tls=deliver_tls
-        ),
+        deliver=deliver,
         folders=folders,
         keep=keep,
         interval=interval,
         timeout=timeout,
     )
+
+
+def _delivery(ctx: _Ctx, d: _Section, warnings: list[str]) -> Delivery:
+    d.expect(*_DELIVER_KEYS)
+    if not d.entries:
+        raise d.ctx.error(
+            d.node, d.where, "is required: where should the mail go? e.g. smtp: localhost:25"
+        )
+    kinds = [k for k in ("smtp", "lmtp", "mda") if d.has(k)]
+    if len(kinds) > 1:
+        raise d.error(kinds[1], f"give only one of {', '.join(kinds)}")
+    kind = kinds[0] if kinds else "smtp"
+    host, port, socket_path = "localhost", 25, None
+    mda: tuple[str, ...] = ()
+    if kind == "mda":
+        node = d.node_of("mda")
+        assert node is not None
+        raw = d.ctx.value(node)
+        if isinstance(raw, str):
+            try:
+                mda = tuple(shlex.split(raw))
+            except ValueError as e:
+                raise d.error("mda", f"cannot split into arguments: {e}") from None
+        else:
+            mda = d.text_list("mda", ())
+        if not mda or not os.path.isabs(mda[0]):
+            raise d.error("mda", "must start with the program's absolute path (no shell is used)")
+    else:
+        target = d.text(kind, "localhost:25")
+        if target.startswith("/"):
+            socket_path = target
+        else:
+            default = 24 if kind == "lmtp" else 25
+            host, port = _host_port(target, default, lambda m: d.error(kind, m))
+    to = d.text_list("to", ())
+    for i, address in enumerate(to):
+        if not _ADDRESS_RE.match(address):
+            raise d.error("to", f"item {i} is not a mail address: {address!r}")
+    sender = d.text("sender", None) if d.has("sender") else None
+    if sender is None and "sender" in d.entries:
+        d.used.add("sender")
+        sender = ""  # sender: '' or null: the null sender
+    if sender and not _ADDRESS_RE.match(sender):
+        raise d.error("sender", f"is not a mail address: {sender!r}")
+    timeout = d.number("timeout", 600.0, 1.0, 3600.0)
+    tls = TLSSettings(mode="none")
+    if d.has("tls"):
+        if kind != "smtp" or socket_path:
+            raise d.error("tls", "applies only to SMTP delivery over TCP")
+        tls_section = d.section("tls")
+        tls = _tls(ctx, tls_section, "implicit" if port == 465 else "starttls", warnings)
+        if tls.server_name:
+            raise tls_section.error("server_name", "is not supported for delivery")
+    else:
+        d.used.add("tls")
+    on_reject: dict[str, str] = {"default": "keep"}
+    r = d.section("on_reject")
+    for key, (_, value_node) in r.entries.items():
+        r.used.add(key)
+        if not re.fullmatch(r"default|5\d\d|5xx", key):
+            raise r.error(key, "must be default, 5xx or a 5xx reply code such as 554")
+        action = ctx.value(value_node)
+        if action not in _REJECT_ACTIONS:
+            raise r.error(key, f"must be one of {', '.join(_REJECT_ACTIONS)}, not {_show(action)}")
+        on_reject[key] = action
+    quarantine = d.text("quarantine", None)
+    if quarantine is not None and not _ADDRESS_RE.match(quarantine):
+        raise d.error("quarantine", f"is not a mail address: {quarantine!r}")
+    if "redirect" in on_reject.values() and not quarantine:
+        raise d.error("on_reject", "redirect needs a quarantine: address")
+    multidrop = None
+    if d.has("multidrop"):
+        m = d.section("multidrop").expect(*_MULTIDROP_KEYS)
+        header = m.choice("header", ("Delivered-To", "X-Original-To", "X-Envelope-To"))
+        domains = tuple(x.lower() for x in m.text_list("local_domains", ()))
+        if not domains:
+            raise m.error("local_domains", "is required: which domains are delivered locally")
+        mapping: list[tuple[str, str]] = []
+        table = m.section("map")
+        for key, (_, value_node) in table.entries.items():
+            table.used.add(key)
+            value = ctx.value(value_node)
+            if not isinstance(value, str) or not _ADDRESS_RE.match(value):
+                raise table.error(key, f"must map to a local address, not {_show(value)}")
+            mapping.append((key.lower(), value))
+        fallback = m.text("fallback", None)
+        m.done()
+        multidrop = Multidrop(header, domains, tuple(mapping), fallback)
+    else:
+        d.used.add("multidrop")
+    if not to and multidrop is None:
+        raise d.error("to", "is required: the local address(es) to deliver to")
+    delivery = Delivery(
+        kind=kind,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        socket=socket_path,
+        mda=mda,
+        to=to,
+        sender=sender,
+        received_header=d.flag("received_header", True),
+        timeout=timeout,
+        tls=tls,
+        batch_limit=d.integer("batch_limit", 0, 0, 1_000_000),
+        on_reject=tuple(sorted(on_reject.items())),
+        quarantine=quarantine,
+        multidrop=multidrop,
+    )
+    d.done()
+    return delivery
 
 
 def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSSettings:

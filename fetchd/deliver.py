@@ -1,108 +1,155 @@
-"""Handing messages to the local MTA over SMTP (aiosmtplib).
+"""Handing messages to the local mail system: SMTP, LMTP (aiosmtplib) or an MDA command.
 
-The contract with the poller: :meth:`SMTPDelivery.deliver` returns only when the MTA accepted
-the message for every recipient (a 250 after the final dot). Anything else raises:
-DeliveryDeferred (4xx, 421, disconnect, timeout: keep the message, retry later) or
-MessageRejected (5xx: a permanent refusal of this one message).
+The contract with the poller: :meth:`Deliverer.deliver` returns one reply per recipient,
+``(code, text)``: 2xx accepted, 4xx not now, 5xx refused for good. A failure that concerns the
+whole connection (cannot connect, disconnect, timeout) raises DeliveryDeferred instead. The
+poller decides what the replies mean for the message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import socket
 import ssl
+from collections.abc import Sequence
 
 import aiosmtplib
 
 from fetchd.config import Delivery
-from fetchd.errors import DeliveryDeferred, MessageRejected
+from fetchd.errors import DeliveryDeferred
 from fetchd.message import has_8bit
 from fetchd.tls import context_for, describe_tls_error
 
+Replies = dict[str, tuple[int, str]]
+EX_TEMPFAIL = 75  # sysexits.h: "try again later", as MDAs use it
 
-class SMTPDelivery:
-    """One SMTP connection, opened on first use and reused for the messages of one poll."""
 
-    def __init__(self, settings: Delivery, *, connect_timeout: float, where: str) -> None:
+def make_deliverer(settings: Delivery, *, connect_timeout: float, where: str) -> Deliverer:
+    if settings.kind == "mda":
+        return MDADeliverer(settings, where=where)
+    return SMTPDeliverer(settings, connect_timeout=connect_timeout, where=where)
+
+
+class Deliverer:
+    """One delivery channel for the messages of one poll."""
+
+    def __init__(self, settings: Delivery, where: str) -> None:
         self.settings = settings
         self.where = where
         self.local_hostname = socket.gethostname() or "localhost"
-        tls = settings.tls
-        context = context_for(tls)
-        self._smtp = aiosmtplib.SMTP(
-            hostname=settings.host,
-            port=settings.port,
-            local_hostname=self.local_hostname,
-            # Never opportunistic: TLS exactly when configured, then verified and mandatory.
-            use_tls=tls.mode == "implicit",
-            start_tls=tls.mode == "starttls",
-            tls_context=context,
-            validate_certs=context is not None and tls.verify,
-            timeout=connect_timeout,
-        )
-        self._server_name = settings.host
 
     @property
     def target(self) -> str:
-        return f"SMTP {self.settings.host}:{self.settings.port}"
+        return self.settings.target()
+
+    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+    def _deferred(self, reason: str) -> DeliveryDeferred:
+        return DeliveryDeferred(f"{self.where}: delivery to {self.target} failed: {reason}")
+
+
+class SMTPDeliverer(Deliverer):
+    """SMTP or LMTP over TCP or a Unix socket; one connection reused for the poll.
+
+    LMTP answers DATA once per recipient, which aiosmtplib cannot read: each LMTP transaction
+    therefore carries one recipient, so its single reply is that recipient's.
+    """
+
+    def __init__(self, settings: Delivery, *, connect_timeout: float, where: str) -> None:
+        super().__init__(settings, where)
+        self.lmtp = settings.kind == "lmtp"
+        self._connect_timeout = connect_timeout
+        self._sent_on_connection = 0
+        self._smtp = self._client()
+
+    def _client(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        context = context_for(s.tls)
+        return aiosmtplib.SMTP(
+            hostname=None if s.socket else s.host,
+            port=None if s.socket else s.port,
+            socket_path=s.socket,
+            local_hostname=self.local_hostname,
+            # Never opportunistic: TLS exactly when configured, then verified and mandatory.
+            use_tls=s.tls.mode == "implicit",
+            start_tls=s.tls.mode == "starttls",
+            tls_context=context,
+            validate_certs=context is not None and s.tls.verify,
+            timeout=self._connect_timeout,
+        )
 
     async def _ensure_connected(self) -> None:
+        limit = self.settings.batch_limit
+        if self._smtp.is_connected and limit and self._sent_on_connection >= limit:
+            await self.close()  # batch_limit: a fresh connection every N messages
         if self._smtp.is_connected:
             return
+        self._smtp = self._client()
+        self._sent_on_connection = 0
         try:
-            await self._smtp.connect()
+            if self.lmtp:
+                await self._smtp.connect()
+                reply = await self._smtp.execute_command(b"LHLO", self.local_hostname.encode())
+                if reply.code != 250:
+                    raise aiosmtplib.SMTPHeloError(reply.code, reply.message)
+                self._smtp.last_ehlo_response = reply  # parses the extensions it lists
+            else:
+                await self._smtp.connect()
         except ssl.SSLError as e:
-            reason = describe_tls_error(e, self._server_name)
-            raise DeliveryDeferred(f"{self.where}: MTA at {self.target}: {reason}") from None
+            raise self._deferred(describe_tls_error(e, self.settings.host)) from None
         except (aiosmtplib.SMTPException, OSError) as e:
+            self._smtp.close()
             raise DeliveryDeferred(
                 f"{self.where}: cannot reach the MTA at {self.target}: {_reason(e)}"
             ) from None
 
-    async def deliver(self, message: bytes, sender: str) -> None:
-        """Send one message; return only when every recipient was accepted."""
+    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
         await self._ensure_connected()
         smtp = self._smtp
         options: list[str] = []
         if has_8bit(message) and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
-        recipients = list(self.settings.to)
         if not (sender.isascii() and all(r.isascii() for r in recipients)):
             if not smtp.supports_extension("smtputf8"):
-                raise MessageRejected(
-                    f"{self.where}: the MTA at {self.target} does not offer SMTPUTF8, needed "
-                    f"for the address {sender!r}",
-                    553,
-                )
+                text = f"the MTA does not offer SMTPUTF8, needed for {sender!r}"
+                return dict.fromkeys(recipients, (553, text))
             options.append("SMTPUTF8")
+        self._sent_on_connection += 1
+        if not self.lmtp:
+            return await self._transaction(sender, list(recipients), message, options)
+        replies: Replies = {}
+        for rcpt in recipients:
+            replies.update(await self._transaction(sender, [rcpt], message, options))
+            if not self._smtp.is_connected:
+                break  # 421: the others wait for the next poll
+        for rcpt in recipients:
+            replies.setdefault(rcpt, (421, "not tried: the MTA closed the connection"))
+        return replies
+
+    async def _transaction(
+        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+    ) -> Replies:
         try:
-            refused, _ = await smtp.sendmail(
+            refused, _ = await self._smtp.sendmail(
                 sender, recipients, message, mail_options=options, timeout=self.settings.timeout
             )
         except aiosmtplib.SMTPRecipientsRefused as e:
-            codes = [r.code for r in e.recipients]
-            text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in e.recipients)
-            raise self._refusal(
-                min(codes) if codes else 451, f"recipients refused: {text}"
-            ) from None
+            return {r.recipient: (r.code, r.message) for r in e.recipients}
         except aiosmtplib.SMTPResponseException as e:
-            raise self._refusal(e.code, f"{e.code} {e.message}") from None
+            return dict.fromkeys(recipients, (e.code, e.message))
         except (aiosmtplib.SMTPException, OSError, ValueError, UnicodeError) as e:
             self._smtp.close()  # unknown state: never reuse the connection
-            raise DeliveryDeferred(
-                f"{self.where}: delivery to {self.target} failed: {_reason(e)}"
-            ) from None
-        if refused:
-            # Some recipients took it, others not: retry the whole message later (duplicates
-            # for the ones that accepted are better than a loss for the others).
-            text = "; ".join(f"{r}: {resp.code} {resp.message}" for r, resp in refused.items())
-            code = min(resp.code for resp in refused.values())
-            raise self._refusal(code, f"some recipients refused: {text}")
-
-    def _refusal(self, code: int, text: str) -> Exception:
-        message = f"{self.where}: the MTA at {self.target} refused the message: {text}"
-        if 500 <= code < 600:
-            return MessageRejected(message, code)
-        return DeliveryDeferred(message)
+            raise self._deferred(_reason(e)) from None
+        replies: Replies = dict.fromkeys(recipients, (250, "accepted"))
+        replies.update({r: (resp.code, resp.message) for r, resp in refused.items()})
+        return replies
 
     async def close(self) -> None:
         if not self._smtp.is_connected:
@@ -111,6 +158,71 @@ class SMTPDelivery:
             await self._smtp.quit(timeout=10)
         except (aiosmtplib.SMTPException, OSError):
             self._smtp.close()
+
+
+class MDADeliverer(Deliverer):
+    """Pipes each message into a command (no shell), with LF line ends as MDAs expect.
+
+    ``%T`` becomes the recipient (one run per recipient), ``%F`` the envelope sender, ``%%`` a
+    percent sign. Exit 0 means delivered, 75 (EX_TEMPFAIL) try later, anything else refused.
+    """
+
+    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
+        per_recipient = any("%T" in arg for arg in self.settings.mda)
+        groups = [[r] for r in recipients] if per_recipient else [list(recipients)]
+        data = message.replace(b"\r\n", b"\n")
+        replies: Replies = {}
+        for group in groups:
+            argv = [
+                _substitute(arg, sender, group[0] if group else "") for arg in self.settings.mda
+            ]
+            reply = await self._run(argv, data)
+            replies.update(dict.fromkeys(group, reply))
+        return replies
+
+    async def _run(self, argv: list[str], data: bytes) -> tuple[int, str]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise self._deferred(f"cannot run {argv[0]}: {e.strerror or e}") from None
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                _, err = await proc.communicate(data)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+            return 451, f"{argv[0]} did not finish within {self.settings.timeout:g} s"
+        text = err.decode("utf-8", "replace").strip().splitlines()
+        detail = (text[-1] if text else "")[:200]
+        if proc.returncode == 0:
+            return 250, "delivered"
+        if proc.returncode == EX_TEMPFAIL:
+            return 451, f"{argv[0]} asked to try later: {detail}"
+        return 554, f"{argv[0]} exited with status {proc.returncode}: {detail}"
+
+
+def _substitute(arg: str, sender: str, recipient: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(arg):
+        if arg[i] == "%" and i + 1 < len(arg) and arg[i + 1] in "TF%":
+            out.append({"T": recipient, "F": sender, "%": "%"}[arg[i + 1]])
+            i += 2
+        else:
+            out.append(arg[i])
+            i += 1
+    return "".join(out)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _reason(e: BaseException) -> str:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from fetchd import __version__
+from fetchd.config import Delivery
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _RETURN_PATH = re.compile(rb"(?im)^Return-Path:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)")
@@ -49,6 +50,50 @@ def envelope_sender(message: bytes) -> str:
     if not _ADDRESS.match(address) or not address.isprintable():
         return ""
     return address
+
+
+def header_values(message: bytes, name: str) -> list[bytes]:
+    """Every value of a header in the header section, unfolded, in order."""
+    pattern = re.compile(
+        rb"(?im)^" + re.escape(name.encode()) + rb":[ \t]*((?:.*)(?:\r?\n[ \t].*)*)"
+    )
+    return [
+        re.sub(rb"\r?\n[ \t]", b" ", m.group(1)).strip()
+        for m in pattern.finditer(header_section(message))
+    ]
+
+
+def recipients_for(message: bytes, delivery: Delivery) -> tuple[str, ...]:
+    """The envelope recipients: from the configuration, or for multidrop from the envelope
+    header the receiving server added, kept only for local domains and mapped by the table.
+
+    Multidrop never guesses from To/Cc. No usable address gives the fallback, then ``to``.
+    """
+    drop = delivery.multidrop
+    if drop is None:
+        return delivery.to
+    table = dict(drop.map)
+    found: list[str] = []
+    for value in header_values(message, drop.header):
+        angle = _ANGLE.search(value)
+        raw = (angle.group(1) if angle else value).strip()
+        try:
+            address = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        local, at, domain = address.rpartition("@")
+        if not at or not local or domain.lower() not in drop.local_domains:
+            continue
+        if not _ADDRESS.match(address) or not address.isprintable():
+            continue
+        mapped = table.get(address.lower()) or table.get(local.lower()) or address
+        if mapped not in found:
+            found.append(mapped)
+    if found:
+        return tuple(found)
+    if drop.fallback:
+        return (drop.fallback,)
+    return delivery.to
 
 
 def has_8bit(message: bytes) -> bool:

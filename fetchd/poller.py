@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from fetchd.config import Account
-from fetchd.deliver import SMTPDelivery
-from fetchd.errors import DeliveryDeferred, FetchdError, MessageRejected, MessageUnavailable
+from fetchd.deliver import make_deliverer
+from fetchd.errors import DeliveryDeferred, FetchdError, MessageUnavailable
 from fetchd.imap import IMAPClient
-from fetchd.message import envelope_sender, received_header
+from fetchd.message import envelope_sender, received_header, recipients_for
 from fetchd.pop3.client import POP3Client
 from fetchd.state import State
 from fetchd.tls import (
@@ -39,6 +39,8 @@ class PollResult:
     fetched: int = 0
     delivered: int = 0
     rejected: int = 0
+    redirected: int = 0
+    dropped: int = 0
     skipped: int = 0
     deleted: int = 0
     bytes: int = 0
@@ -50,6 +52,10 @@ class PollResult:
             parts.append(f"{self.deleted} deleted on the server")
         if self.rejected:
             parts.append(f"{self.rejected} refused by the MTA (kept on the server)")
+        if self.redirected:
+            parts.append(f"{self.redirected} refused and sent to the quarantine")
+        if self.dropped:
+            parts.append(f"{self.dropped} refused and deleted (on_reject: delete)")
         if self.skipped:
             parts.append(f"{self.skipped} the server would not give (kept, retried)")
         return ", ".join(parts)
@@ -66,7 +72,7 @@ class Poller:
         self.stopping = stopping
         self.result = PollResult()
         self.where = f"account {account.where()}"
-        self.delivery = SMTPDelivery(
+        self.delivery = make_deliverer(
             account.deliver, connect_timeout=account.timeout, where=self.where
         )
 
@@ -115,34 +121,118 @@ class Poller:
         return CertificateError(f"{self.where}: {text}", error.verify_code)
 
     async def _deliver(
-        self, body: bytes, *, protocol: str, tls: str, peer: str | None, ident: str
+        self,
+        body: bytes,
+        *,
+        protocol: str,
+        tls: str,
+        peer: str | None,
+        folder: str,
+        uidvalidity: int,
+        key: str,
+        ident: str,
     ) -> bool:
-        """Deliver one message; False if the MTA refused it for good (it stays on the server).
+        """Deliver one message to every recipient; True when it may leave the server.
 
-        Raises DeliveryDeferred when the MTA cannot take it now.
+        True: every recipient accepted it (or a permanent refusal's policy says delete or the
+        quarantine took it). False: refused for good and kept on the server, remembered so it
+        is not fetched again. Raises DeliveryDeferred when the MTA cannot take it now; the
+        recipients that did accept are remembered, and a retry goes only to the others.
         """
-        a = self.account
-        header = received_header(
-            server=a.host,
-            server_ip=peer,
-            local_host=self.delivery.local_hostname,
-            protocol=protocol,
-            tls=tls,
-            recipients=a.deliver.to,
-            message_id=ident,
-            account=a.name,
-        )
+        a, d = self.account, self.account.deliver
+        recipients = recipients_for(body, d)
+        sender = d.sender if d.sender is not None else envelope_sender(body)
+        message = body
+        if d.received_header:
+            message = (
+                received_header(
+                    server=a.host,
+                    server_ip=peer,
+                    local_host=self.delivery.local_hostname,
+                    protocol=protocol,
+                    tls=tls,
+                    recipients=recipients,
+                    message_id=ident,
+                    account=a.name,
+                )
+                + body
+            )
         self.result.fetched += 1
         self.result.bytes += len(body)
-        try:
-            await self.delivery.deliver(header + body, envelope_sender(body))
-        except MessageRejected as e:
-            self.result.rejected += 1
-            self.result.problems.append(str(e))
-            log.warning("%s", e)
-            return False
+        if not recipients:  # multidrop found no local address and there is no fallback
+            header = d.multidrop.header if d.multidrop else "the envelope"
+            return await self._refused(
+                message,
+                sender,
+                {"(nobody)": (550, f"no local recipient in {header}")},
+                folder=folder,
+                uidvalidity=uidvalidity,
+                key=key,
+                ident=ident,
+            )
+        done = await self.state.delivered_to(a.name, folder, uidvalidity, key)
+        pending = [r for r in recipients if r not in done]
+        replies = await self.delivery.deliver(message, sender, pending) if pending else {}
+        accepted = [r for r, (code, _) in replies.items() if 200 <= code < 300]
+        deferred = {r: reply for r, reply in replies.items() if 400 <= reply[0] < 500}
+        refused = {r: reply for r, reply in replies.items() if reply[0] >= 500}
+        if deferred or refused:
+            await self.state.record_partial(a.name, folder, uidvalidity, key, accepted)
+        if deferred:
+            raise DeliveryDeferred(
+                f"{self.where}: the MTA at {self.delivery.target} cannot take message {ident} "
+                f"now: {_replies(deferred)}"
+            )
+        if refused:
+            return await self._refused(
+                message,
+                sender,
+                refused,
+                folder=folder,
+                uidvalidity=uidvalidity,
+                key=key,
+                ident=ident,
+            )
         self.result.delivered += 1
         return True
+
+    async def _refused(
+        self,
+        message: bytes,
+        sender: str,
+        refused: dict[str, tuple[int, str]],
+        *,
+        folder: str,
+        uidvalidity: int,
+        key: str,
+        ident: str,
+    ) -> bool:
+        """A permanent refusal: keep (default), delete, or redirect to the quarantine."""
+        a, d = self.account, self.account.deliver
+        code = min(c for c, _ in refused.values())
+        action = d.reject_action(code)
+        text = f"{self.where}: the MTA at {self.delivery.target} refused message {ident}: "
+        text += _replies(refused)
+        if action == "redirect" and d.quarantine:
+            replies = await self.delivery.deliver(message, sender, [d.quarantine])
+            qcode, qtext = replies.get(d.quarantine, (451, "no reply"))
+            if 200 <= qcode < 300:
+                log.warning("%s; sent to the quarantine %s instead", text, d.quarantine)
+                self.result.redirected += 1
+                return True
+            if 400 <= qcode < 500:
+                raise DeliveryDeferred(f"{text}; the quarantine cannot take it now: {qtext}")
+            text += f"; the quarantine refused it too: {qcode} {qtext}"
+            action = "keep"
+        if action == "delete":
+            log.warning("%s; deleted on the server as configured (on_reject)", text)
+            self.result.dropped += 1
+            return True
+        await self.state.record_rejected(a.name, folder, uidvalidity, key, code, text)
+        self.result.rejected += 1
+        self.result.problems.append(text)
+        log.warning("%s; kept on the server and not fetched again", text)
+        return False
 
     # -- POP3 ---------------------------------------------------------------------------------
 
@@ -153,9 +243,10 @@ class Poller:
             await client.login(a.user, a.password.reveal())
             listing = await client.listing()
             seen = await self.state.seen(a.name, "", 0)
+            rejected = await self.state.rejected(a.name, "", 0)
             # A UID shared by several messages cannot tell them apart: those are fetched every
             # time and known by UID plus a digest of their bytes (docs/architecture.md).
-            new = [m for m in listing if m.duplicate or m.uid not in seen]
+            new = [m for m in listing if m.duplicate or m.uid not in seen | rejected]
             done = [m for m in listing if not m.duplicate and m.uid in seen]
             on_server = {m.uid for m in listing if not m.duplicate}
             if len(on_server) < len(listing):
@@ -173,10 +264,18 @@ class Poller:
                     on_server.add(key)
                     if key in seen:
                         done.append(msg)
+                    if key in seen | rejected:
                         continue
                 try:
                     ok = await self._deliver(
-                        got.body, protocol="POP3", tls=client.tls, peer=client.peer, ident=msg.uid
+                        got.body,
+                        protocol="POP3",
+                        tls=client.tls,
+                        peer=client.peer,
+                        folder="",
+                        uidvalidity=0,
+                        key=key,
+                        ident=msg.uid,
                     )
                 except DeliveryDeferred as e:
                     deferred = e  # the MTA is unwell: stop, but delete what it did accept
@@ -195,7 +294,7 @@ class Poller:
                 self.result.deleted += len(done)
                 on_server -= {m.uid for m in done}
             if complete:  # keys of duplicates not fetched this time are unknown: keep them
-                await self.state.forget(a.name, "", 0, seen - on_server)
+                await self.state.forget(a.name, "", 0, (seen | rejected) - on_server)
             if deferred is not None:
                 raise deferred
         finally:
@@ -240,10 +339,11 @@ class Poller:
             await self.state.set_uidvalidity(a.name, folder, status.uidvalidity)
         uids = await client.uids() if status.exists else []
         seen = await self.state.seen(a.name, folder, status.uidvalidity)
+        rejected = await self.state.rejected(a.name, folder, status.uidvalidity)
         done = [u for u in uids if str(u) in seen]  # delivered before, still there
         deferred: DeliveryDeferred | None = None
         for uid in uids:
-            if str(uid) in seen:
+            if str(uid) in seen or str(uid) in rejected:
                 continue
             try:
                 body = await client.fetch(uid)
@@ -252,7 +352,14 @@ class Poller:
                 continue
             try:
                 ok = await self._deliver(
-                    body, protocol="IMAP", tls=client.tls, peer=client.peer, ident=f"{folder}/{uid}"
+                    body,
+                    protocol="IMAP",
+                    tls=client.tls,
+                    peer=client.peer,
+                    folder=folder,
+                    uidvalidity=status.uidvalidity,
+                    key=str(uid),
+                    ident=f"{folder}/{uid}",
                 )
             except DeliveryDeferred as e:
                 deferred = e  # the MTA is unwell: stop, but delete what it did accept
@@ -267,6 +374,10 @@ class Poller:
             await client.delete(done)
             self.result.deleted += len(done)
             on_server -= {str(u) for u in done}
-        await self.state.forget(a.name, folder, status.uidvalidity, seen - on_server)
+        await self.state.forget(a.name, folder, status.uidvalidity, (seen | rejected) - on_server)
         if deferred is not None:
             raise deferred
+
+
+def _replies(replies: dict[str, tuple[int, str]]) -> str:
+    return "; ".join(f"{rcpt}: {code} {text}" for rcpt, (code, text) in replies.items())

@@ -22,7 +22,7 @@ from typing import TypeVar
 from fetchd.errors import ConfigError
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     account TEXT NOT NULL,
@@ -30,6 +30,24 @@ CREATE TABLE IF NOT EXISTS seen (
     uidvalidity INTEGER NOT NULL,
     uid TEXT NOT NULL,
     delivered_at REAL NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS partial (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid, recipient)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejected (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL,
     PRIMARY KEY (account, folder, uidvalidity, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS folders (
@@ -80,12 +98,66 @@ class State:
     async def record(self, account: str, folder: str, uidvalidity: int, uid: str) -> None:
         """Remember a delivered message; committed when this returns."""
         now = time.time()
+        key = (account, folder, uidvalidity, uid)
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?)", (*key, now))
+                db.execute(
+                    "DELETE FROM partial WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
+                    key,
+                )
+
+        await self._run(q)
+
+    async def delivered_to(self, account: str, folder: str, uidvalidity: int, uid: str) -> set[str]:
+        """Recipients that already accepted a message not yet delivered to all of them."""
+
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT recipient FROM partial WHERE account=? AND folder=? AND uidvalidity=? "
+                "AND uid=?",
+                (account, folder, uidvalidity, uid),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
+    async def record_partial(
+        self, account: str, folder: str, uidvalidity: int, uid: str, recipients: Iterable[str]
+    ) -> None:
+        """Remember recipients that accepted, so a retry goes only to the others."""
+        rows = [(account, folder, uidvalidity, uid, r) for r in recipients]
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany("INSERT OR REPLACE INTO partial VALUES (?, ?, ?, ?, ?)", rows)
+
+        if rows:
+            await self._run(q)
+
+    async def rejected(self, account: str, folder: str, uidvalidity: int) -> set[str]:
+        """Messages the MTA refused for good and that are kept on the server."""
+
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT uid FROM rejected WHERE account=? AND folder=? AND uidvalidity=?",
+                (account, folder, uidvalidity),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
+    async def record_rejected(
+        self, account: str, folder: str, uidvalidity: int, uid: str, code: int, reason: str
+    ) -> None:
+        now = time.time()
 
         def q(db: sqlite3.Connection) -> None:
             with db:
                 db.execute(
-                    "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?)",
-                    (account, folder, uidvalidity, uid, now),
+                    "INSERT OR REPLACE INTO rejected VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account, folder, uidvalidity, uid, code, reason, now),
                 )
 
         await self._run(q)
@@ -100,10 +172,12 @@ class State:
 
         def q(db: sqlite3.Connection) -> None:
             with db:
-                db.executemany(
-                    "DELETE FROM seen WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
-                    items,
-                )
+                for table in ("seen", "partial", "rejected"):
+                    db.executemany(
+                        f"DELETE FROM {table} WHERE account=? AND folder=? AND uidvalidity=? "  # noqa: S608
+                        "AND uid=?",
+                        items,
+                    )
 
         await self._run(q)
 
@@ -125,10 +199,12 @@ class State:
                     "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
                     (account, folder, uidvalidity),
                 )
-                db.execute(
-                    "DELETE FROM seen WHERE account=? AND folder=? AND uidvalidity<>?",
-                    (account, folder, uidvalidity),
-                )
+                for table in ("seen", "partial", "rejected"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE account=? AND folder=? "  # noqa: S608
+                        "AND uidvalidity<>?",
+                        (account, folder, uidvalidity),
+                    )
 
         await self._run(q)
 
