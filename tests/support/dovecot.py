@@ -28,7 +28,7 @@ instance_name = {name}
 base_dir = {root}/run
 state_dir = {root}/state
 listen = 127.0.0.1
-protocols = imap pop3
+protocols = {protocols}
 log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
 auth_verbose = yes
@@ -79,12 +79,23 @@ service pop3-login {{
     ssl = yes
   }}
 }}
+{lmtp_service}
 service anvil {{
   unix_listener anvil-auth-penalty {{
     mode = 0
   }}
 }}
 {extra}
+"""
+
+
+LMTP_SERVICE = """\
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
 """
 
 
@@ -128,7 +139,12 @@ class Dovecot:
         (self.root / "tls" / "key.pem").write_bytes(self.key_pem)
         os.chmod(self.root / "tls" / "key.pem", 0o600)
         (self.root / "passwd.d").mkdir(exist_ok=True)
-        self.ports = {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
+        names = ["imap", "imaps", "pop3", "pop3s"]
+        lmtp = os.path.exists("/usr/lib/dovecot/lmtp")  # package dovecot-lmtpd
+        if lmtp:
+            names.append("lmtp")
+        self.ports = {p: free_port() for p in names}
+        lmtp_service = LMTP_SERVICE.format(port=self.ports["lmtp"]) if lmtp else ""
         if os.geteuid() == 0:
             privileges = ""
         else:
@@ -142,6 +158,8 @@ class Dovecot:
                 gid=gid,
                 privileges=privileges,
                 extra=self.extra_config,
+                protocols="imap pop3 lmtp" if lmtp else "imap pop3",
+                lmtp_service=lmtp_service,
                 **self.ports,
             )
         )

@@ -1,0 +1,286 @@
+"""Delivery targets and the reply policy, end to end: Dovecot as the source, sinks that answer
+what each case needs, an MDA script, and Dovecot's own LMTP service."""
+
+from __future__ import annotations
+
+import stat
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fetchd.errors import DeliveryDeferred
+from tests.conftest import ConfigWriter, as_delivered, corpus_messages, strip_received
+from tests.support.dovecot import Dovecot
+from tests.support.sink import smtp_sink
+from tests.test_interop import poll_once
+
+
+def account(configs: ConfigWriter, dovecot: Dovecot, user: str, **deliver: Any) -> Path:
+    acc = configs.account(dovecot, user, protocol="pop3", mode="implicit", sink_port=0)
+    acc["deliver"] = deliver
+    return configs.write([acc])
+
+
+async def test_partial_acceptance_retries_only_the_pending_recipient(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: two recipients\n\nbody\n"])
+    async with smtp_sink(replies={"b@localhost": "452 4.2.2 mailbox full"}) as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["a@localhost", "b@localhost"],
+        )
+        (outcome,) = await poll_once(config)
+        assert isinstance(outcome.error, DeliveryDeferred) and "452" in str(outcome.error)
+        assert [a.rcpt_tos for a in sink.accepted] == [("a@localhost",)]
+        assert dovecot.count(mailbox_user) == 1, "not delivered to everyone: kept"
+
+        sink.replies.clear()
+        (outcome,) = await poll_once(config)
+        assert outcome.ok, outcome.line()
+        assert [a.rcpt_tos for a in sink.accepted] == [("a@localhost",), ("b@localhost",)]
+    assert dovecot.count(mailbox_user) == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "left", "delivered_to"),
+    [
+        ({}, 1, []),
+        ({"on_reject": {"554": "delete"}}, 0, []),
+        (
+            {"on_reject": {"default": "redirect"}, "quarantine": "quarantine@localhost"},
+            0,
+            ["quarantine@localhost"],
+        ),
+    ],
+)
+async def test_permanent_refusal_policy(
+    dovecot: Dovecot,
+    mailbox_user: str,
+    configs: ConfigWriter,
+    policy: dict[str, Any],
+    left: int,
+    delivered_to: list[str],
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: spam\n\nbuy now\n"])
+    async with smtp_sink(
+        replies={f"{mailbox_user}@localhost": "554 5.7.1 rejected as spam"}
+    ) as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=[f"{mailbox_user}@localhost"],
+            **policy,
+        )
+        (first,) = await poll_once(config)
+        (second,) = await poll_once(config)
+    assert first.ok and second.ok, (first.line(), second.line())
+    assert dovecot.count(mailbox_user) == left
+    assert [r for a in sink.accepted for r in a.rcpt_tos] == delivered_to
+    if not policy:
+        assert first.result is not None and first.result.rejected == 1
+        assert second.result is not None and second.result.fetched == 0, (
+            "a kept refusal is not fetched again"
+        )
+
+
+async def test_unix_socket_and_batch_limit(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, tmp_path: Path
+) -> None:
+    dovecot.deliver(mailbox_user, [f"Subject: {i}\n\nbody {i}\n".encode() for i in range(5)])
+    path = str(tmp_path / "smtp.sock")
+    async with smtp_sink(unix_path=path) as sink:
+        config = account(
+            configs, dovecot, mailbox_user, smtp=path, to=["u@localhost"], batch_limit=2
+        )
+        (outcome,) = await poll_once(config)
+    assert outcome.ok, outcome.line()
+    assert len(sink.accepted) == 5
+    assert sink.connections == 3, "batch_limit 2: a new connection every two messages"
+
+
+async def test_lmtp_per_recipient_replies(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: lmtp\n\nbody\n"])
+    async with smtp_sink(
+        lmtp=True, replies={"full@localhost": "452 4.2.2 full@localhost over quota"}
+    ) as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            lmtp=f"127.0.0.1:{sink.port}",
+            to=["ok@localhost", "full@localhost", "other@localhost"],
+        )
+        (outcome,) = await poll_once(config)
+        assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+        assert sorted(r for a in sink.accepted for r in a.rcpt_tos) == [
+            "ok@localhost",
+            "other@localhost",
+        ]
+        assert dovecot.count(mailbox_user) == 1
+        sink.replies.clear()
+        (outcome,) = await poll_once(config)
+        assert outcome.ok, outcome.line()
+    assert sorted(r for a in sink.accepted for r in a.rcpt_tos) == [
+        "full@localhost",
+        "ok@localhost",
+        "other@localhost",
+    ]
+    assert dovecot.count(mailbox_user) == 0
+
+
+def write_mda(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "mda.py"
+    script.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+@pytest.mark.parametrize(
+    ("status", "left", "kind"), [(0, 0, None), (75, 1, DeliveryDeferred), (1, 1, None)]
+)
+async def test_mda_exit_status(
+    dovecot: Dovecot,
+    mailbox_user: str,
+    configs: ConfigWriter,
+    tmp_path: Path,
+    status: int,
+    left: int,
+    kind: type | None,
+) -> None:
+    message = corpus_messages()["rubymail-err-encoding-madness.eml"]
+    dovecot.deliver(mailbox_user, [message])
+    out = tmp_path / "out"
+    out.mkdir()
+    mda = write_mda(
+        tmp_path,
+        f"""
+        import sys
+        data = sys.stdin.buffer.read()
+        open({str(out)!r} + "/" + sys.argv[1] + ".eml", "wb").write(data)
+        open({str(out)!r} + "/args", "w").write(repr(sys.argv[1:]))
+        sys.exit({status})
+        """,
+    )
+    config = account(
+        configs,
+        dovecot,
+        mailbox_user,
+        mda=[str(mda), "%T", "from=%F; 100%%"],
+        to=["a@localhost", "b; rm -rf /"][:1],
+    )
+    (outcome,) = await poll_once(config)
+    assert dovecot.count(mailbox_user) == left
+    if kind is not None:
+        assert isinstance(outcome.error, kind)
+    data = (out / "a@localhost.eml").read_bytes()
+    assert b"\r\n" not in data, "an MDA gets LF line ends"
+    assert strip_received(data.replace(b"\n", b"\r\n"))[1] == as_delivered(message)
+    assert (out / "args").read_text().startswith("['a@localhost', 'from=")
+    assert (out / "args").read_text().endswith("; 100%']")
+    if status == 1:
+        assert outcome.result is not None and outcome.result.rejected == 1
+
+
+async def test_multidrop_takes_local_recipients_from_the_envelope_header(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(
+        mailbox_user,
+        [
+            b"Delivered-To: sales@example.com\nTo: someone@else.example\nSubject: one\n\nbody\n",
+            b"Delivered-To: bob@example.com\nDelivered-To: spam@elsewhere.example\n"
+            b"Subject: two\n\nbody\n",
+            b"To: carol@example.com\nSubject: three\n\nno envelope header\n",
+        ],
+    )
+    async with smtp_sink() as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            multidrop={
+                "header": "Delivered-To",
+                "local_domains": ["example.com"],
+                "map": {"sales": "team@localhost"},
+                "fallback": "postmaster@localhost",
+            },
+        )
+        (outcome,) = await poll_once(config)
+    assert outcome.ok, outcome.line()
+    got = {strip_received(a.data)[1].split(b"Subject: ")[1][:3]: a.rcpt_tos for a in sink.accepted}
+    assert got == {
+        b"one": ("team@localhost",),
+        b"two": ("bob@example.com",),
+        b"thr": ("postmaster@localhost",),
+    }
+
+
+async def test_multidrop_without_a_recipient_keeps_the_message(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Delivered-To: x@foreign.example\nSubject: s\n\nbody\n"])
+    async with smtp_sink() as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            multidrop={"header": "Delivered-To", "local_domains": ["example.com"]},
+        )
+        (outcome,) = await poll_once(config)
+    assert outcome.result is not None and outcome.result.rejected == 1
+    assert sink.accepted == [] and dovecot.count(mailbox_user) == 1
+
+
+async def test_configured_sender_and_no_received_header(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    original = b"Return-Path: <a@b.example>\nSubject: s\n\nbody\n"
+    dovecot.deliver(mailbox_user, [original])
+    async with smtp_sink() as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["u@localhost"],
+            sender="fetchd@localhost",
+            received_header=False,
+        )
+        (outcome,) = await poll_once(config)
+    assert outcome.ok
+    (accepted,) = sink.accepted
+    assert accepted.mail_from == "fetchd@localhost"
+    assert accepted.data == as_delivered(original)
+
+
+async def test_dovecot_lmtp_interop_multi_recipient(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    if "lmtp" not in dovecot.ports:
+        pytest.fail("the test Dovecot has no LMTP listener (is dovecot-lmtpd installed?)")
+    targets = [f"{mailbox_user}x", f"{mailbox_user}y"]
+    for user in targets:
+        dovecot.add_user(user, "unused")
+    messages = list(corpus_messages().values())[:8]
+    dovecot.deliver(mailbox_user, messages)
+    config = account(
+        configs, dovecot, mailbox_user, lmtp=f"127.0.0.1:{dovecot.ports['lmtp']}", to=targets
+    )
+    (outcome,) = await poll_once(config)
+    assert outcome.ok, outcome.line()
+    assert dovecot.count(mailbox_user) == 0
+    for user in targets:
+        assert dovecot.count(user) == len(messages)
