@@ -37,6 +37,7 @@ class Sink:
     port: int = 0
     path: str = ""  # the Unix socket, when listening on one
     connections: int = 0
+    delay: float = 0.0  # seconds before answering DATA, like a slow content filter
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_for(self, count: int) -> None:
@@ -56,6 +57,8 @@ class Sink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.data_reply:
             return self.data_reply
         if self.lmtp:  # one reply per recipient, in RCPT order (RFC 2033)
