@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         for account in config.accounts:
             print(
-                f"{account.name}: {account.protocol} {account.user}@{account.host}:"
-                f"{account.port} tls={account.tls.mode} -> smtp {account.deliver.host}:"
-                f"{account.deliver.port} for {', '.join(account.deliver.to)}"
+                f"{account.name}: {account.protocol} {account.user} at {account.host}:"
+                f"{account.port} tls={account.tls.mode} -> {account.deliver.target()}"
+                + (f" for {', '.join(account.deliver.to)}" if account.deliver.to else "")
             )
         print(f"{config.path}: ok, {len(config.accounts)} account(s)")
         return EXIT_OK

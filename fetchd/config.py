@@ -149,8 +149,8 @@ class Account:
     timeout: float = 60.0
 
     def where(self) -> str:
-        """How error messages name this account: ``name (user@host:port)``."""
-        return f"{self.name} ({self.user}@{self.host}:{self.port})"
+        """How error messages name this account: ``name (user at host:port)``."""
+        return f"{self.name} ({self.user} at {self.host}:{self.port})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,6 +330,11 @@ class IMAPClient:
             raise translate_tls_error(e, server_hostname or self.where, self.where) from None
         except OSError as e:
             reason = describe_connect_error(e, security if security and security.implicit else None)
+            if what == "connect":
+                raise TemporaryError(
+                    f"{self.where}: cannot connect to {self._client.host}:{self._client.port}: "
+                    f"{reason}"
+                ) from None
             raise TemporaryError(f"{self.where}: {what} failed: {reason}") from None
         except aioimaplib.CommandTimeout:
             raise TemporaryError(f"{self.where}: {what} timed out") from None

@@ -51,7 +51,7 @@ def describe(account: Account, error: BaseException) -> str:
         text = text[len(where) :]
     if not isinstance(error, FetchdError):
         text = f"internal error: {type(error).__name__}: {text}"
-    return f"{text} [{account.user}@{account.host}:{account.port}]"
+    return f"{text} [{account.user} at {account.host}:{account.port}]"
 
 
 def next_delay(interval: float, failures: int, permanent: bool, rand: float) -> float:
@@ -94,7 +94,7 @@ class Supervisor:
                 outcome = Outcome(account, poller.result, e)
             else:
                 outcome = Outcome(account, result, None)
-        if self.log_outcomes or not outcome.ok:
+        if self.log_outcomes:  # `fetchd once` prints them instead
             log.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.line())
         return outcome
 
