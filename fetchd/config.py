@@ -716,7 +716,7 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
     high: str | None = None
     if sslproto:
         word = sslproto.lower()
-        if word.startswith(("ssl2", "ssl3")):
+        if word not in SSLPROTO and word.startswith(("ssl2", "ssl3")):
             raise t.error("sslproto", f"{sslproto}: SSL 2 and 3 are broken and not supported")
         if word not in SSLPROTO:
             raise t.error("sslproto", f"unknown value; use one of {', '.join(SSLPROTO)}")
@@ -763,6 +763,8 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
                 )
             key_password = Secret(f.read().decode("utf-8", "replace").rstrip("\r\n"))
     fingerprints = tuple(_pin(t, i, raw) for i, raw in enumerate(t.text_list("fingerprints", ())))
+    if not verify and (crl_file or crl_check != "none"):
+        warnings.append(f"{ctx.file}: {t.where}: verify is off, so CRLs are not checked either")
     if not verify and not fingerprints:
         warnings.append(
             f"{ctx.file}: {t.where}: verify is off and no fingerprint is pinned: anyone in "

@@ -21,7 +21,7 @@ import aiosmtplib
 from fetchd.config import Delivery
 from fetchd.errors import DeliveryDeferred
 from fetchd.message import has_8bit
-from fetchd.tls import context_for, describe_tls_error
+from fetchd.tls import CertificateError, Security, context_for, describe_tls_error
 
 Replies = dict[str, tuple[int, str]]
 EX_TEMPFAIL = 75  # sysexits.h: "try again later", as MDAs use it
@@ -102,6 +102,11 @@ class SMTPDeliverer(Deliverer):
                 self._smtp.last_ehlo_response = reply  # parses the extensions it lists
             else:
                 await self._smtp.connect()
+            if self.settings.tls.mode != "none":
+                self._security().check_peer(self._smtp.get_transport_info("ssl_object"), self.where)
+        except CertificateError as e:
+            self._smtp.close()
+            raise DeliveryDeferred(f"{e} (the MTA at {self.target})") from None
         except ssl.SSLError as e:
             raise self._deferred(describe_tls_error(e, self.settings.host)) from None
         except (aiosmtplib.SMTPException, OSError) as e:
@@ -109,6 +114,16 @@ class SMTPDeliverer(Deliverer):
             raise DeliveryDeferred(
                 f"{self.where}: cannot reach the MTA at {self.target}: {_reason(e)}"
             ) from None
+
+    def _security(self) -> Security:
+        tls = self.settings.tls
+        return Security(
+            context=context_for(tls),
+            starttls=tls.mode == "starttls",
+            server_name=self.settings.host,
+            fingerprints=tls.fingerprints,
+            verify=tls.verify,
+        )
 
     async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
         await self._ensure_connected()

@@ -95,7 +95,20 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         result = super()._handle_line(line, current_cmd)
         if self.starttls_tag and line.startswith(self.starttls_tag.encode() + b" "):
             self.starttls_answered = True
+            if line.rstrip().endswith(b"}"):  # a literal would swallow plaintext bytes unseen
+                self.injected = True
         return result
+
+    @aioimaplib.change_state  # type: ignore[untyped-decorator]
+    async def welcome(self, command: bytes) -> None:
+        # The library looks for "PREAUTH" anywhere in the greeting; only the status counts.
+        if re.match(rb"\* PREAUTH\b", command, re.IGNORECASE):
+            self.state = aioimaplib.AUTH
+        elif re.match(rb"\* OK\b", command, re.IGNORECASE):
+            self.state = aioimaplib.NONAUTH
+        else:
+            raise aioimaplib.Error(command.decode("ascii", "replace")[:200])
+        await self.capability()
 
     def _continuation(self, line: bytes) -> None:
         pending = self.pending_sync_command
@@ -253,7 +266,7 @@ class IMAPClient:
             raise PermanentError(
                 f"{self.where}: server refused STARTTLS ({_text(response)}); no password was sent"
             )
-        if p.injected or p.incomplete_line:
+        if p.injected or p.incomplete_line or p.current_command is not None:
             raise ProtocolError(
                 f"{self.where}: server sent data right after agreeing to STARTTLS; refusing "
                 "the connection (possible injection attack)"
@@ -349,6 +362,12 @@ class IMAPClient:
         transport = self._proto.transport
         if transport is not None:
             transport.close()
+        for pending in list(self._proto.tasks):  # e.g. the greeting task, after a pin mismatch
+            if pending.done():
+                if not pending.cancelled():
+                    pending.exception()  # retrieved: no "never retrieved" noise in the log
+            else:
+                pending.cancel()
         task = getattr(self._client, "_client_task", None)
         if task is not None and not task.done():
             task.cancel()
@@ -392,7 +411,7 @@ class IMAPClient:
         finally:
             p.sasl_responses = []
         if response.result != "OK":
-            text = _text(response)
+            text = _scrub(_text(response), p.secrets)
             if "[UNAVAILABLE]" in text or "[INUSE]" in text:
                 raise TemporaryError(f"{self.where}: login refused for now: {text}")
             raise PermanentError(f"{self.where}: login failed: {text}")

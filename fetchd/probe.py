@@ -43,7 +43,10 @@ async def _starttls_dance(
     """Ask for the upgrade in plaintext; raise unless the server agrees."""
 
     async def line() -> bytes:
-        data = await reader.readline()
+        try:
+            data = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            raise ProtocolError("server sent a line longer than 64 KiB before TLS") from None
         if not data:
             raise TemporaryError("server closed the connection before STARTTLS")
         return data
@@ -129,7 +132,7 @@ async def probe(
     chain = _chain(seen)
     negotiated = tls_description(seen)
     try:
-        await _handshake(host, port, starttls, build_context(settings), name, deadline)
+        verified = await _handshake(host, port, starttls, build_context(settings), name, deadline)
     except ssl.SSLCertVerificationError as e:
         reason = e.verify_message or str(e)
         verdict = explain_certificate_failure(
@@ -138,6 +141,15 @@ async def probe(
         return ProbeResult(chain, negotiated, verdict, ok=False)
     except (ssl.SSLError, OSError, TimeoutError, FetchdError) as e:
         return ProbeResult(chain, negotiated, f"verification handshake failed: {e}", ok=False)
+    if chain and verified.getpeercert(binary_form=True) != chain[0]:
+        return ProbeResult(
+            chain,
+            negotiated,
+            "the server presented a different certificate on the second connection: the "
+            "verdict cannot be tied to the certificate shown (load balancer, or someone in "
+            "the middle?)",
+            ok=False,
+        )
     trust = "the system's CAs" if settings.system_ca else ""
     if settings.ca_file:
         trust = f"{settings.ca_file}" + (f" and {trust}" if trust else "")

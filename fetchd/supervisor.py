@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fetchd.config import Account, Config
-from fetchd.errors import FetchdError, PermanentError
+from fetchd.errors import ConfigError, FetchdError, PermanentError
 from fetchd.poller import Poller, PollResult
 from fetchd.state import State
 
@@ -127,7 +127,7 @@ class Supervisor:
         while not self.stop.is_set():
             outcome = await self.poll(account)
             failures = 0 if outcome.ok else failures + 1
-            permanent = isinstance(outcome.error, PermanentError)
+            permanent = isinstance(outcome.error, PermanentError | ConfigError)
             delay = next_delay(account.interval, failures, permanent, self.rand())
             if not outcome.ok:
                 log.info("account %s: next attempt in %.0f s", account.name, delay)

@@ -79,6 +79,7 @@ def build_context(settings: TLSSettings) -> ssl.SSLContext:
                 ctx.load_verify_locations(capath=settings.ca_path)
             what = f"the CRL file {settings.crl_file}"
             if settings.crl_file:
+                _check_crl_only(settings.crl_file)
                 ctx.load_verify_locations(cafile=settings.crl_file)
             if settings.crl_check == "leaf":
                 ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -101,6 +102,23 @@ def build_context(settings: TLSSettings) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"cannot load {what}: {getattr(e, 'reason', None) or e}") from None
     return ctx
+
+
+def _check_crl_only(path: str) -> None:
+    """A CRL file must hold CRLs only: OpenSSL would trust a CA certificate slipped into it,
+    and CRLs are often fetched over plain HTTP because they are signed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the CRL file {path}: {e.strerror}") from None
+    if b"-----BEGIN" in data and b"CERTIFICATE-----" in data:
+        raise ConfigError(
+            f"the CRL file {path} also holds certificates, which would be trusted as CAs; "
+            "keep only the CRLs there and put CA certificates in ca_file"
+        )
+    if b"-----BEGIN X509 CRL-----" not in data:
+        raise ConfigError(f"the CRL file {path} holds no PEM CRL (-----BEGIN X509 CRL-----)")
 
 
 def inspection_context() -> ssl.SSLContext:
@@ -169,8 +187,10 @@ def security_for(account: Account) -> Security:
 
 
 def server_name(account: Account) -> str:
-    """The name checked against the certificate and sent as SNI: never a resolved address."""
-    return account.tls.server_name or account.host
+    """The name checked against the certificate and sent as SNI: never a resolved address.
+    A fully qualified name's final dot is dropped, as certificates never carry it."""
+    name = account.tls.server_name or account.host
+    return name[:-1] if name.endswith(".") and len(name) > 1 else name
 
 
 # -- certificates in plain words ------------------------------------------------------------
@@ -271,7 +291,10 @@ def explain_certificate_failure(
         listed = ", ".join(info.names) or f"CN={info.subject}"
         return f"certificate is for {listed}, not for {name}"
     if verify_code == 23:
-        return f"certificate for {name} has been revoked (CRL from {info.issuer})"
+        return (
+            f"the certificate chain of {name} holds a revoked certificate (the server's own, "
+            "or one of its issuers', by the configured CRLs)"
+        )
     if verify_code in (18, 19) or info.self_signed:
         return f"certificate for {name} is self-signed ({info.subject}) and not trusted"
     if verify_code in (2, 20, 21):
@@ -289,6 +312,8 @@ def describe_tls_error(exc: BaseException, name: str) -> str:
             reason = f"it is not valid for {name}"
         return f"certificate of {name} not trusted: {reason}"
     reason = str(getattr(exc, "reason", None) or exc or type(exc).__name__)
+    if "WRONG_VERSION_NUMBER" in reason.upper() or "HTTP_REQUEST" in reason.upper():
+        return f"{name} did not answer in TLS (is this a plaintext port?) ({reason})"
     if "VERSION" in reason.upper() or "UNSUPPORTED_PROTOCOL" in reason.upper():
         return f"TLS handshake with {name} failed: no TLS version in common ({reason})"
     return f"TLS handshake with {name} failed: {reason}"

@@ -143,11 +143,12 @@ class POP3Client:
             )
         ensure_no_buffered_plaintext(self._reader, self.where)
         try:
-            await self._writer.start_tls(
-                security.context,
-                server_hostname=security.server_name,
-                ssl_handshake_timeout=self.timeout,
-            )
+            async with asyncio.timeout(self.timeout):
+                await self._writer.start_tls(
+                    security.context,
+                    server_hostname=security.server_name,
+                    ssl_handshake_timeout=self.timeout,
+                )
         except ssl.SSLError as e:
             raise translate_tls_error(e, security.server_name, self.where) from None
         except TimeoutError:
@@ -258,8 +259,7 @@ class POP3Client:
         """USER/PASS, or SASL PLAIN when the server offers it and not USER."""
         sasl = [m.upper() for m in self.capabilities.get("SASL", [])]
         if "USER" not in self.capabilities and "PLAIN" in sasl:
-            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-            reply = await self.command("AUTH", "PLAIN", token)
+            reply = await self.command("AUTH", "PLAIN", token_for(user, password))
         else:
             reply = await self.command("USER", user)
             if reply.ok:
@@ -269,7 +269,10 @@ class POP3Client:
                 raise self._error("login", reply)
             # No code, [AUTH] or anything else: the credentials were refused. Retrying every
             # few minutes would only lock the account; it waits for a human instead.
-            raise PermanentError(f"{self.where}: login failed: {_text(reply)}")
+            text = _text(reply)
+            for secret in (password, token_for(user, password)):
+                text = text.replace(secret, "********")
+            raise PermanentError(f"{self.where}: login failed: {text}")
 
     async def listing(self) -> list[Listing]:
         """Every message with its UIDL and size (UIDL and LIST pipelined when allowed)."""
@@ -362,6 +365,11 @@ class POP3Client:
             await self._ok("QUIT")
         finally:
             self.close()
+
+
+def token_for(user: str, password: str) -> str:
+    """The SASL PLAIN response (RFC 4616), base64."""
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
 
 
 def _text(reply: Reply) -> str:
