@@ -3,6 +3,8 @@ what each case needs, an MDA script, and Dovecot's own LMTP service."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import stat
 import sys
 import textwrap
@@ -284,3 +286,49 @@ async def test_dovecot_lmtp_interop_multi_recipient(
     assert dovecot.count(mailbox_user) == 0
     for user in targets:
         assert dovecot.count(user) == len(messages)
+
+
+async def test_corpus_through_a_real_postfix_arrives_intact(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    import re
+
+    from tests.support.postfix import available, running_postfix
+
+    if (why := available()) is not None:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    messages = {n: m for n, m in corpus_messages().items() if b"\x00" not in m}
+    utf8 = "Return-Path: <ünï@exämple.org>\nSubject: SMTPUTF8\n\nbody\n".encode()
+    messages["utf8"] = utf8
+    dovecot.deliver(mailbox_user, messages.values())
+    async with smtp_sink() as sink:
+        with running_postfix(sink.port) as port:
+            config = account(
+                configs,
+                dovecot,
+                mailbox_user,
+                smtp=f"127.0.0.1:{port}",
+                to=["üser@example.org", "plain@example.org"][1:],
+            )
+            (outcome,) = await poll_once(config)
+            assert outcome.ok, outcome.line()
+            async with asyncio.timeout(60):
+                await sink.wait_for(len(messages))
+    assert dovecot.count(mailbox_user) == 0
+    got = set()
+    for accepted in sink.accepted:
+        m = re.match(rb"Received: [^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n", accepted.data)
+        assert m and b"(Postfix)" in m.group(0), accepted.data[:300]
+        got.add(strip_received(accepted.data[m.end() :])[1])
+        if any(b > 127 for b in accepted.data):
+            assert "BODY=8BITMIME" in accepted.mail_options, "8BITMIME was passed on"
+    (relayed,) = [a for a in sink.accepted if a.data.endswith(b"Subject: SMTPUTF8\r\n\r\nbody\r\n")]
+    assert relayed.mail_from == "ünï@exämple.org" and "SMTPUTF8" in relayed.mail_options
+    for name, original in messages.items():
+        expected = as_delivered(original)
+        if re.match(rb"[!-9;-~]+:", expected):
+            assert expected in got, f"{name} changed on its way through Postfix"
+        else:  # no header on the first line (an mbox "From " line, blanks): Postfix adds its own
+            assert any(expected[200:] in g for g in got), f"{name} lost its content in Postfix"
