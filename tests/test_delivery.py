@@ -332,3 +332,95 @@ async def test_corpus_through_a_real_postfix_arrives_intact(
             assert expected in got, f"{name} changed on its way through Postfix"
         else:  # no header on the first line (an mbox "From " line, blanks): Postfix adds its own
             assert any(expected[200:] in g for g in got), f"{name} lost its content in Postfix"
+
+
+@pytest.mark.parametrize("target", ["lmtp", "mda"])
+async def test_every_corpus_message_arrives_byte_exact_through_lmtp_and_mda(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, tmp_path: Path, target: str
+) -> None:
+    messages = corpus_messages()
+    dovecot.deliver(mailbox_user, messages.values())
+    out = tmp_path / "out"
+    out.mkdir()
+    async with smtp_sink(lmtp=True) as sink:
+        if target == "lmtp":
+            deliver: dict[str, Any] = {"lmtp": f"127.0.0.1:{sink.port}"}
+        else:
+            mda = write_mda(
+                tmp_path,
+                f"""
+                import sys, uuid
+                open({str(out)!r} + "/" + uuid.uuid4().hex, "wb").write(sys.stdin.buffer.read())
+                """,
+            )
+            deliver = {"mda": [str(mda)]}
+        config = account(configs, dovecot, mailbox_user, to=["u@localhost"], **deliver)
+        (outcome,) = await poll_once(config)
+    assert outcome.ok, outcome.line()
+    if target == "lmtp":
+        got = {strip_received(a.data)[1] for a in sink.accepted}
+    else:  # an MDA gets LF line ends: compare in CRLF form
+        got = {strip_received(p.read_bytes().replace(b"\n", b"\r\n"))[1] for p in out.iterdir()}
+    for name, original in messages.items():
+        assert as_delivered(original) in got, f"{name} did not arrive byte for byte"
+    assert dovecot.count(mailbox_user) == 0
+
+
+@pytest.mark.parametrize(("delay", "reply_timeout", "delivered"), [(1.5, 5, True), (3, 1, False)])
+async def test_slow_final_reply(
+    dovecot: Dovecot,
+    mailbox_user: str,
+    configs: ConfigWriter,
+    delay: float,
+    timeout: float,
+    delivered: bool,
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: slow filter\n\nbody\n"])
+    async with smtp_sink(delay=delay) as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["u@localhost"],
+            timeout=timeout,
+        )
+        (outcome,) = await poll_once(config)
+    assert outcome.ok is delivered, outcome.line()
+    assert dovecot.count(mailbox_user) == (0 if delivered else 1), (
+        "an unknown outcome keeps the message"
+    )
+
+
+async def test_connection_dropped_mid_data_keeps_the_message(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: cut\n\n" + b"a long line of text\n" * 5000])
+
+    async def mta(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mta.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"DATA"):
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                await reader.read(1000)  # a little of the message, then the line drops
+                writer.transport.abort()
+                return
+            writer.write(
+                b"250-mta.test\r\n250 8BITMIME\r\n"
+                if line.upper().startswith(b"EHLO")
+                else b"250 ok\r\n"
+            )
+            await writer.drain()
+
+    server = await asyncio.start_server(mta, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = account(
+            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["u@localhost"]
+        )
+        (outcome,) = await poll_once(config)
+    finally:
+        server.close()
+    assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+    assert dovecot.count(mailbox_user) == 1
