@@ -372,7 +372,7 @@ async def test_slow_final_reply(
     mailbox_user: str,
     configs: ConfigWriter,
     delay: float,
-    timeout: float,
+    reply_timeout: float,
     delivered: bool,
 ) -> None:
     dovecot.deliver(mailbox_user, [b"Subject: slow filter\n\nbody\n"])
@@ -383,7 +383,7 @@ async def test_slow_final_reply(
             mailbox_user,
             smtp=f"127.0.0.1:{sink.port}",
             to=["u@localhost"],
-            timeout=timeout,
+            timeout=reply_timeout,
         )
         (outcome,) = await poll_once(config)
     assert outcome.ok is delivered, outcome.line()
