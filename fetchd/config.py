@@ -147,6 +147,15 @@ class Account:
     keep: bool = False
     interval: float = 300.0
     timeout: float = 60.0
+    auth: str = "any"
+    oauth2_token_file: str | None = None
+    oauth2_token_command: tuple[str, ...] = ()
+    fetch_all: bool = False  # deliver messages again even if the state says they were
+    limit: int = 0  # bytes; larger messages are skipped (or deleted with limit_delete)
+    limit_delete: bool = False
+    fetch_limit: int = 0  # messages per poll; 0: all
+    delete_after_days: float = 0  # with keep: delete delivered messages this much later
+    expunge_every: int = 0  # POP3: QUIT and reconnect after this many deletions
 
     def where(self) -> str:
         """How error messages name this account: ``name (user at host:port)``."""
@@ -375,7 +384,16 @@ _ACCOUNT_KEYS = (
     "deliver",
     "interval",
     "timeout",
+    "auth",
+    "oauth2",
+    "fetch_all",
+    "limit",
+    "limit_delete",
+    "fetch_limit",
+    "delete_after_days",
+    "expunge_every",
 )
+AUTH_METHODS = ("any", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
 _PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
 _TLS_KEYS = (
     "mode",
@@ -548,13 +566,46 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
             f" but tls.mode is {mode}; change one of them",
         )
 
-    password = _password(ctx, s, env)
+    oauth = s.has("auth") and s.text("auth") in ("xoauth2", "oauthbearer")
+    password = Secret("") if oauth and not (_PASSWORD_KEYS & s.entries.keys()) else None
+    if password is None:
+        password = _password(ctx, s, env)
+    else:
+        s.used.update(_PASSWORD_KEYS)
     folders = s.text_list("folders", ("INBOX",))
     if protocol == "pop3" and s.has("folders"):
         raise s.error("folders", "POP3 has no folders; remove this key or use protocol: imap")
     keep = s.flag("keep", False)
     interval = s.number("interval", 300.0, 1.0, 7 * 86400.0)
     timeout = s.number("timeout", 60.0, 1.0, 3600.0)
+    auth = s.choice("auth", AUTH_METHODS, "any")
+    if protocol == "imap" and auth in ("user", "apop"):
+        raise s.error("auth", f"{auth} is a POP3 method; IMAP has login, plain, cram-md5, ...")
+    token_file: str | None = None
+    token_command: tuple[str, ...] = ()
+    o = s.section("oauth2").expect("token_file", "token_command")
+    if o.entries:
+        if o.has("token_file"):
+            token_file = ctx.path(o.text("token_file"))
+        if o.has("token_command"):
+            token_command = o.text_list("token_command", ())
+            if not os.path.isabs(token_command[0]):
+                raise o.error("token_command", "must start with an absolute path (no shell)")
+        if bool(token_file) == bool(token_command):
+            raise o.error("", "give exactly one of token_file, token_command")
+        o.done()
+    if auth in ("xoauth2", "oauthbearer") and not (token_file or token_command):
+        raise s.error("auth", f"{auth} needs oauth2: {{token_file: ...}} or token_command")
+    fetch_all = s.flag("fetch_all", False)
+    limit = s.integer("limit", 0, 0, 1 << 40)
+    limit_delete = s.flag("limit_delete", False)
+    if limit_delete and not limit:
+        raise s.error("limit_delete", "needs limit: the size above which messages are deleted")
+    fetch_limit = s.integer("fetch_limit", 0, 0, 10_000_000)
+    delete_after_days = s.number("delete_after_days", 0, 0, 36500)
+    if delete_after_days and not keep:
+        raise s.error("delete_after_days", "applies with keep: true (else mail is deleted at once)")
+    expunge_every = s.integer("expunge_every", 0, 0, 10_000_000)
 
     deliver = _delivery(ctx, s.section("deliver"), warnings)
     s.done()
@@ -571,6 +622,15 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         keep=keep,
         interval=interval,
         timeout=timeout,
+        auth=auth,
+        oauth2_token_file=token_file,
+        oauth2_token_command=token_command,
+        fetch_all=fetch_all,
+        limit=limit,
+        limit_delete=limit_delete,
+        fetch_limit=fetch_limit,
+        delete_after_days=delete_after_days,
+        expunge_every=expunge_every,
     )
 
 

@@ -23,6 +23,8 @@ import aioimaplib
 
 from fetchd.deadline import Progress
 from fetchd.errors import MessageUnavailable, PermanentError, ProtocolError, TemporaryError
+from fetchd.sasl import Mechanism, decode_challenge
+from fetchd.sasl import make as sasl_make
 from fetchd.tls import Security, describe_connect_error, tls_description, translate_tls_error
 
 # The library logs whole message bodies at DEBUG; never let them reach a log file.
@@ -55,7 +57,8 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.starttls_tag: str | None = None
         self.starttls_answered = False
         self.injected = False
-        self.sasl_responses: list[bytes] = []
+        self.sasl: Mechanism | None = None
+        self.sasl_initial_pending = False
         self.lost: BaseException | None = None
         self.incomplete_line: bytes = b""
         self.current_command: Any = None
@@ -113,11 +116,22 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     def _continuation(self, line: bytes) -> None:
         pending = self.pending_sync_command
         if pending is not None and pending.name == "AUTHENTICATE":
-            # Answer the SASL challenge; an unexpected one is cancelled with "*".
-            answer = self.sasl_responses.pop(0) if self.sasl_responses else b"*"
-            self.transport.write(answer + b"\r\n")
+            self.transport.write(self._sasl_answer(line[1:].strip()) + b"\r\n")
             return
         super()._continuation(line)
+
+    def _sasl_answer(self, text: bytes) -> bytes:
+        """The reply to one "+ challenge": the initial response first if it was not sent with
+        the command, then the mechanism's answers; "*" cancels anything unexpected."""
+        mechanism = self.sasl
+        if mechanism is None:
+            return b"*"
+        if self.sasl_initial_pending:
+            self.sasl_initial_pending = False
+            return base64.b64encode(mechanism.initial or b"")
+        challenge = decode_challenge(text)
+        answer = mechanism.respond(challenge) if challenge is not None else None
+        return b"*" if answer is None else base64.b64encode(answer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionResetError("connection closed by the server")
@@ -374,47 +388,64 @@ class IMAPClient:
 
     # -- commands -----------------------------------------------------------------------------
 
-    async def login(self, user: str, password: str) -> None:
-        """AUTHENTICATE PLAIN when offered (UTF-8 safe), else LOGIN with quoted arguments."""
+    async def login(self, user: str, secret: str, *, method: str = "any") -> None:
+        """Authenticate with ``method``: ``any`` is AUTHENTICATE PLAIN when offered (UTF-8
+        safe), else LOGIN with quoted arguments; ``cram-md5``, ``xoauth2``, ``oauthbearer``
+        (``secret`` is then the access token) and ``plain``/``login`` on request.
+        LOGINDISABLED is honoured."""
         p = self._proto
         if p.state == aioimaplib.AUTH:
             return  # PREAUTH on a connection the user chose to leave plaintext
         caps = self.capabilities
-        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
-        p.secrets = [password, _quote(password), token]
-        if "AUTH=PLAIN" in caps:
-            if "SASL-IR" in caps:
-                command = aioimaplib.Command(
-                    "AUTHENTICATE", p.new_tag(), "PLAIN", token, loop=p.loop
+        if method == "any":
+            method = "plain" if "AUTH=PLAIN" in caps else "login"
+        if method == "login":
+            if "LOGINDISABLED" in caps:
+                raise PermanentError(
+                    f"{self.where}: server disables LOGIN here and offers no AUTHENTICATE PLAIN"
                 )
-            else:
-                p.sasl_responses = [token.encode("ascii")]
-                command = aioimaplib.Command("AUTHENTICATE", p.new_tag(), "PLAIN", loop=p.loop)
-        elif "LOGINDISABLED" in caps:
-            raise PermanentError(
-                f"{self.where}: server disables LOGIN here and offers no AUTHENTICATE PLAIN"
-            )
-        else:
             try:
                 user.encode("ascii")
-                password.encode("ascii")
+                secret.encode("ascii")
             except UnicodeEncodeError:
                 raise PermanentError(
                     f"{self.where}: non-ASCII user or password needs AUTHENTICATE PLAIN, "
                     "which this server does not offer"
                 ) from None
+            p.secrets = [secret, _quote(secret)]
             command = aioimaplib.Command(
-                "LOGIN", p.new_tag(), _quote(user), _quote(password), loop=p.loop
+                "LOGIN", p.new_tag(), _quote(user), _quote(secret), loop=p.loop
             )
+            mechanism = None
+        else:
+            name = method.upper()
+            if f"AUTH={name}" not in caps:
+                offered = sorted(c[5:] for c in caps if c.startswith("AUTH="))
+                raise PermanentError(
+                    f"{self.where}: server does not offer AUTHENTICATE {name} "
+                    f"(it offers: {', '.join(offered) or 'none'})"
+                )
+            mechanism = sasl_make(name, user, secret)
+            p.secrets = [secret, _quote(secret), *mechanism.secrets()]
+            args = [name]
+            if mechanism.initial is not None and "SASL-IR" in caps:
+                args.append(base64.b64encode(mechanism.initial).decode("ascii") or "=")
+            else:
+                p.sasl_initial_pending = mechanism.initial is not None
+            p.sasl = mechanism
+            command = aioimaplib.Command("AUTHENTICATE", p.new_tag(), *args, loop=p.loop)
         try:
             response = await self._call("login", p.execute(command))
         finally:
-            p.sasl_responses = []
+            p.sasl = None
+            p.sasl_initial_pending = False
         if response.result != "OK":
             text = _scrub(_text(response), p.secrets)
             if "[UNAVAILABLE]" in text or "[INUSE]" in text:
                 raise TemporaryError(f"{self.where}: login refused for now: {text}")
-            raise PermanentError(f"{self.where}: login failed: {text}")
+            if mechanism is not None and mechanism.error:
+                text = f"{mechanism.error}: {text}"
+            raise PermanentError(f"{self.where}: login failed ({method}): {text}")
         p.state = aioimaplib.AUTH
         await self._call("CAPABILITY", p.capability())
 

@@ -7,6 +7,7 @@ not accepted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
@@ -15,7 +16,13 @@ from typing import TypeVar
 
 from fetchd.config import Account
 from fetchd.deliver import make_deliverer
-from fetchd.errors import DeliveryDeferred, FetchdError, MessageUnavailable
+from fetchd.errors import (
+    DeliveryDeferred,
+    FetchdError,
+    MessageUnavailable,
+    PermanentError,
+    TemporaryError,
+)
 from fetchd.imap import IMAPClient
 from fetchd.message import envelope_sender, received_header, recipients_for
 from fetchd.pop3.client import POP3Client
@@ -85,6 +92,24 @@ class Poller:
         finally:
             await self.delivery.close()
         return self.result
+
+    async def _secret(self) -> str:
+        """The password, or for OAuth methods the access token, read fresh for each poll."""
+        a = self.account
+        if a.oauth2_token_file:
+            try:
+                token = await asyncio.to_thread(_first_line, a.oauth2_token_file)
+            except (OSError, UnicodeDecodeError) as e:
+                raise PermanentError(
+                    f"{self.where}: cannot read the OAuth2 token file {a.oauth2_token_file}: {e}"
+                ) from None
+        elif a.oauth2_token_command:
+            token = await _run_token_command(a.oauth2_token_command, a.timeout, self.where)
+        else:
+            return a.password.reveal()
+        if not token or any(c in token for c in "\r\n\0"):
+            raise PermanentError(f"{self.where}: the OAuth2 token is empty or malformed")
+        return token
 
     async def _connect(self, kind: type[Client]) -> Client:
         """Connect and secure the session; a refused certificate is explained in plain words."""
@@ -240,7 +265,9 @@ class Poller:
         a = self.account
         client = await self._connect(POP3Client)
         try:
-            await client.login(a.user, a.password.reveal())
+            await client.login(
+                a.user, await self._secret(), method=a.auth, encrypted=a.tls.mode != "none"
+            )
             listing = await client.listing()
             seen = await self.state.seen(a.name, "", 0)
             rejected = await self.state.rejected(a.name, "", 0)
@@ -313,7 +340,7 @@ class Poller:
         a = self.account
         client = await self._connect(IMAPClient)
         try:
-            await client.login(a.user, a.password.reveal())
+            await client.login(a.user, await self._secret(), method=a.auth)
             for folder in a.folders:
                 await self._poll_folder(client, folder)
                 if self.stopping():
@@ -381,3 +408,31 @@ class Poller:
 
 def _replies(replies: dict[str, tuple[int, str]]) -> str:
     return "; ".join(f"{rcpt}: {code} {text}" for rcpt, (code, text) in replies.items())
+
+
+def _first_line(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().strip()
+
+
+async def _run_token_command(argv: tuple[str, ...], deadline: float, where: str) -> str:
+    """The first line a token helper prints; no shell, bounded in time."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as e:
+        raise PermanentError(f"{where}: cannot run {argv[0]}: {e.strerror or e}") from None
+    try:
+        async with asyncio.timeout(deadline):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise TemporaryError(f"{where}: {argv[0]} gave no token within {deadline:g} s") from None
+    if proc.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise TemporaryError(
+            f"{where}: {argv[0]} exited with status {proc.returncode}: {detail[0][:200]}"
+        )
+    return out.decode("utf-8", "replace").split("\n", 1)[0].strip()

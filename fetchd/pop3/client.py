@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from fetchd.deadline import Progress
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
+from fetchd.sasl import Mechanism, apop_digest, decode_challenge
+from fetchd.sasl import make as sasl_make
+from fetchd.sasl import preference as sasl_preference
 from fetchd.tls import (
     Security,
     describe_connect_error,
@@ -68,6 +72,7 @@ class POP3Client:
         self.where = where
         self.timeout = timeout
         self.capabilities: dict[str, list[str]] = {}
+        self.apop_timestamp: bytes | None = None
         self.tls = tls_description(writer.get_extra_info("ssl_object"))
 
     # -- connection ---------------------------------------------------------------------------
@@ -116,6 +121,7 @@ class POP3Client:
             greeting = await client._reply()
             if not greeting.ok:
                 raise client._error("greeting", greeting)
+            client.apop_timestamp = apop_timestamp(greeting.text)
             await client.capa()
             if security.starttls:
                 await client._starttls(security)
@@ -255,24 +261,83 @@ class POP3Client:
         self.capabilities = caps
         return caps
 
-    async def login(self, user: str, password: str) -> None:
-        """USER/PASS, or SASL PLAIN when the server offers it and not USER."""
-        sasl = [m.upper() for m in self.capabilities.get("SASL", [])]
-        if "USER" not in self.capabilities and "PLAIN" in sasl:
-            reply = await self.command("AUTH", "PLAIN", token_for(user, password))
-        else:
+    async def login(
+        self, user: str, secret: str, *, method: str = "any", encrypted: bool = True
+    ) -> None:
+        """Authenticate with ``method`` (see fetchd.config.AUTH_METHODS).
+
+        ``any`` picks the strongest the server offers: CRAM-MD5, then APOP, then SASL PLAIN,
+        LOGIN, and USER/PASS last. OAuth methods take ``secret`` as the access token. APOP is
+        refused without TLS (its MD5 challenge can be attacked) and needs a well-formed
+        timestamp in the greeting.
+        """
+        sasl = {m.upper() for m in self.capabilities.get("SASL", [])}
+        chosen = method
+        if method == "any":
+            names = [m for m in sasl_preference(password=True) if m in sasl]
+            if names and names[0] == "CRAM-MD5":
+                chosen = "cram-md5"
+            elif self.apop_timestamp and encrypted:
+                chosen = "apop"
+            elif names:
+                chosen = names[0].lower()
+            else:
+                chosen = "user"
+        mechanism = None
+        if chosen == "user":
             reply = await self.command("USER", user)
             if reply.ok:
-                reply = await self.command("PASS", password)
+                reply = await self.command("PASS", secret)
+            hidden = [secret]
+        elif chosen == "apop":
+            if not self.apop_timestamp:
+                raise PermanentError(f"{self.where}: server offers no APOP timestamp")
+            if not encrypted:
+                raise PermanentError(f"{self.where}: APOP without TLS is refused")
+            reply = await self.command("APOP", user, apop_digest(self.apop_timestamp, secret))
+            hidden = [secret]
+        else:
+            name = chosen.upper()
+            if name not in sasl and method != "any":
+                raise PermanentError(
+                    f"{self.where}: server does not offer SASL {name} "
+                    f"(it offers: {', '.join(sorted(sasl)) or 'none'})"
+                )
+            mechanism = sasl_make(name, user, secret)
+            reply = await self._sasl(mechanism)
+            hidden = mechanism.secrets()
         if not reply.ok:
             if reply.code in TEMPORARY_CODES:
                 raise self._error("login", reply)
             # No code, [AUTH] or anything else: the credentials were refused. Retrying every
             # few minutes would only lock the account; it waits for a human instead.
             text = _text(reply)
-            for secret in (password, token_for(user, password)):
-                text = text.replace(secret, "********")
-            raise PermanentError(f"{self.where}: login failed: {text}")
+            for item in sorted(hidden, key=len, reverse=True):
+                if item:
+                    text = text.replace(item, "********")
+            if mechanism is not None and mechanism.error:
+                text = f"{mechanism.error}: {text}"
+            raise PermanentError(f"{self.where}: login failed ({chosen}): {text}")
+
+    async def _sasl(self, mechanism: Mechanism) -> Reply:
+        """AUTH with an initial response when there is one; challenges answered or cancelled."""
+        args = [mechanism.name]
+        if mechanism.initial is not None:
+            args.append(base64.b64encode(mechanism.initial).decode("ascii") or "=")
+        reply = await self.command("AUTH", *args)
+        for _ in range(10):  # no honest exchange needs more steps
+            if not reply.continuation:
+                return reply
+            challenge = decode_challenge(reply.text)
+            answer = mechanism.respond(challenge) if challenge is not None else None
+            line = b"*" if answer is None else base64.b64encode(answer)
+            self._writer.write(self._proto.send_sasl(line))
+            reply = await self._reply()
+        self._writer.write(self._proto.send_sasl(b"*"))
+        reply = await self._reply()
+        if reply.continuation:
+            raise ProtocolError(f"{self.where}: server does not end the SASL exchange")
+        return reply
 
     async def listing(self) -> list[Listing]:
         """Every message with its UIDL and size (UIDL and LIST pipelined when allowed)."""
@@ -367,9 +432,11 @@ class POP3Client:
             self.close()
 
 
-def token_for(user: str, password: str) -> str:
-    """The SASL PLAIN response (RFC 4616), base64."""
-    return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+def apop_timestamp(greeting: bytes) -> bytes | None:
+    """The APOP challenge of a greeting, only when it has the RFC 1939 form <...@...>
+    (CVE-2007-1558: an unchecked challenge lets a man in the middle recover the password)."""
+    m = re.search(rb"<[!-;=?-~]+@[!-;=?-~]+>", greeting)
+    return m.group(0) if m and len(m.group(0)) <= 255 else None
 
 
 def _text(reply: Reply) -> str:

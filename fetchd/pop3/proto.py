@@ -44,6 +44,7 @@ class Reply:
     ok: bool
     text: bytes
     body: bytes | None = None
+    continuation: bool = False  # "+ challenge" during AUTH (RFC 5034): answer with send_sasl
 
     @property
     def code(self) -> str | None:
@@ -66,8 +67,9 @@ class POP3Connection:
         self.max_body = max_body
         self._buffer = bytearray()
         self._scanned = 0  # how far the current multi-line body has been searched
-        # What each awaited reply is: True when a +OK to it is followed by a body.
-        self._expect: deque[bool] = deque([False])  # the greeting
+        # What each awaited reply is: "multi" when a +OK to it is followed by a body, "sasl"
+        # when "+ " challenges may come before it, else "single".
+        self._expect: deque[str] = deque(["single"])  # the greeting
         self._broken = False
 
     @property
@@ -92,8 +94,16 @@ class POP3Connection:
             parts.append(raw)
         name = command.upper()
         multiline = name in MULTILINE_COMMANDS or (name in MULTILINE_WITHOUT_ARGUMENT and not args)
-        self._expect.append(multiline)
+        self._expect.append("multi" if multiline else "sasl" if name == "AUTH" else "single")
         return b" ".join(parts) + b"\r\n"
+
+    def send_sasl(self, response: bytes) -> bytes:
+        """The bytes of a SASL response line (base64, or ``*`` to cancel)."""
+        if not self._expect or self._expect[0] != "sasl":
+            raise ValueError("no SASL exchange in progress")
+        if _UNSAFE_ARGUMENT.search(response):
+            raise ValueError("SASL response contains CR, LF or NUL")
+        return response + b"\r\n"
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -121,6 +131,9 @@ class POP3Connection:
                 raise ProtocolError(f"status line longer than {self.max_line} bytes")
             return NEED_DATA
         line = bytes(self._buffer[:end]).rstrip(b"\r")
+        if self._expect[0] == "sasl" and (line == b"+" or line.startswith(b"+ ")):
+            del self._buffer[: end + 1]
+            return Reply(True, line[2:], continuation=True)
         if line.startswith(b"+OK"):
             ok = True
             text = line[3:]
@@ -132,7 +145,7 @@ class POP3Connection:
         if text and text[:1] not in (b" ", b"\t"):
             raise ProtocolError(f"not a POP3 status line: {line[:80]!r}")
         text = text.strip()
-        if ok and self._expect[0]:
+        if ok and self._expect[0] == "multi":
             body = self._take_body(end + 1)
             if body is None:
                 return NEED_DATA
