@@ -481,6 +481,28 @@ class IMAPClient:
         except ProtocolError as e:
             raise ProtocolError(f"{self.where}: {e}") from None
 
+    async def sizes(self, uids: list[int]) -> dict[int, int]:
+        """RFC822.SIZE of each message, asked in batches (one response line per message)."""
+        p = self._proto
+        found: dict[int, int] = {}
+        for start in range(0, len(uids), EXPUNGE_BATCH):
+            batch = sorted(uids[start : start + EXPUNGE_BATCH])
+            response = await self._call(
+                "UID FETCH (RFC822.SIZE)",
+                p.fetch(
+                    compress_uids(batch), "(UID RFC822.SIZE)", by_uid=True, timeout=self.timeout
+                ),
+            )
+            if response.result != "OK":
+                raise TemporaryError(f"{self.where}: cannot get message sizes: {_text(response)}")
+            for line in response.lines[:-1]:
+                if not isinstance(line, bytes):
+                    continue
+                m_uid, m_size = _FETCH_UID.search(line), _RFC822_SIZE.search(line)
+                if m_uid and m_size:
+                    found[int(m_uid.group(1))] = int(m_size.group(1))
+        return found
+
     async def fetch(self, uid: int) -> bytes:
         """The whole message, byte-exact, without setting \\Seen.
 

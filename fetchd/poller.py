@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -25,7 +26,7 @@ from fetchd.errors import (
 )
 from fetchd.imap import IMAPClient
 from fetchd.message import envelope_sender, received_header, recipients_for
-from fetchd.pop3.client import POP3Client
+from fetchd.pop3.client import Listing, POP3Client
 from fetchd.state import State
 from fetchd.tls import (
     CertificateError,
@@ -78,6 +79,7 @@ class Poller:
         self.state = state
         self.stopping = stopping
         self.result = PollResult()
+        self._budget: int | None = account.fetch_limit or None  # messages left this poll
         self.where = f"account {account.where()}"
         self.delivery = make_deliverer(
             account.deliver, connect_timeout=account.timeout, where=self.where
@@ -262,24 +264,54 @@ class Poller:
     # -- POP3 ---------------------------------------------------------------------------------
 
     async def _poll_pop3(self) -> None:
+        """Sessions until nothing is left to do: one, unless expunge_every asks to QUIT (and so
+        commit the deletions) every N messages."""
+        a = self.account
+        budget = a.fetch_limit or None
+        while True:
+            more = await self._pop3_session(budget)
+            if not more or self.stopping():
+                return
+            if budget is not None:
+                budget -= a.expunge_every
+                if budget <= 0:
+                    return
+
+    async def _pop3_session(self, budget: int | None) -> bool:
+        """One POP3 session; True when messages remain for another session."""
         a = self.account
         client = await self._connect(POP3Client)
         try:
             await client.login(
                 a.user, await self._secret(), method=a.auth, encrypted=a.tls.mode != "none"
             )
-            listing = await client.listing()
+            listing = await client.listing(uidl_required=a.keep)
             seen = await self.state.seen(a.name, "", 0)
             rejected = await self.state.rejected(a.name, "", 0)
-            # A UID shared by several messages cannot tell them apart: those are fetched every
-            # time and known by UID plus a digest of their bytes (docs/architecture.md).
-            new = [m for m in listing if m.duplicate or m.uid not in seen | rejected]
-            done = [m for m in listing if not m.duplicate and m.uid in seen]
-            on_server = {m.uid for m in listing if not m.duplicate}
-            if len(on_server) < len(listing):
-                log.warning("%s: the server gives several messages the same UID", self.where)
+            # A UID shared by several messages, or empty, cannot tell them apart: those are
+            # fetched every time and known by UID plus a digest of their bytes.
+            trackable = [m for m in listing if not m.duplicate]
+            done = [m for m in trackable if m.uid in seen and not a.fetch_all]
+            on_server = {m.uid for m in trackable}
+            if len(trackable) < len(listing):
+                log.warning("%s: some messages have no usable UID; known by digest", self.where)
+            if a.keep and a.delete_after_days:  # keep them for a while, then delete them
+                cutoff = time.time() - a.delete_after_days * 86400
+                old = await self.state.delivered_before(a.name, "", 0, cutoff)
+                expired = [m for m in trackable if m.uid in old]
+            else:
+                expired = []
+            new = [m for m in listing if m.duplicate or a.fetch_all or m.uid not in seen]
+            new = [m for m in new if m.uid not in rejected or m.duplicate]
+            new, too_big = await self._apply_limit(new, "", 0)
+            if a.limit_delete:
+                expired += too_big
+            step = a.expunge_every or None
+            wanted = [x for x in (budget, step) if x]
+            more = bool(wanted) and len(new) > min(wanted)
+            new = new[: min(wanted)] if wanted else new
             deferred: DeliveryDeferred | None = None
-            complete = True
+            complete = not more
             async for got in client.retrieve(new):
                 msg = got.message
                 if got.body is None:
@@ -289,9 +321,9 @@ class Poller:
                 if msg.duplicate:
                     key = f"{msg.uid}\t{hashlib.sha256(got.body).hexdigest()[:32]}"
                     on_server.add(key)
-                    if key in seen:
+                    if key in seen and not a.fetch_all:
                         done.append(msg)
-                    if key in seen | rejected:
+                    if key in rejected or (key in seen and not a.fetch_all):
                         continue
                 try:
                     ok = await self._deliver(
@@ -302,30 +334,56 @@ class Poller:
                         folder="",
                         uidvalidity=0,
                         key=key,
-                        ident=msg.uid,
+                        ident=msg.uid or f"#{msg.number}",
                     )
                 except DeliveryDeferred as e:
                     deferred = e  # the MTA is unwell: stop, but delete what it did accept
-                    complete = False
+                    complete = more = False
                     break
                 if ok:
                     await self.state.record(a.name, "", 0, key)
-                    done.append(msg)
+                    if msg not in done:
+                        done.append(msg)
                 if self.stopping():
-                    complete = False
+                    complete = more = False
                     break
-            if not a.keep:
-                await client.delete(m.number for m in done)
+            to_delete = ([] if a.keep else done) + expired
+            await client.delete(m.number for m in to_delete)
             await client.quit()  # deletions take effect only now
-            if not a.keep:
-                self.result.deleted += len(done)
-                on_server -= {m.uid for m in done}
+            self.result.deleted += len(to_delete)
+            on_server -= {m.uid for m in to_delete}
             if complete:  # keys of duplicates not fetched this time are unknown: keep them
                 await self.state.forget(a.name, "", 0, (seen | rejected) - on_server)
             if deferred is not None:
                 raise deferred
+            return more
         finally:
             client.close()
+
+    async def _apply_limit(
+        self, messages: list[Listing], folder: str, uidvalidity: int
+    ) -> tuple[list[Listing], list[Listing]]:
+        """Split off messages larger than ``limit``, with one warning per message."""
+        a = self.account
+        if not a.limit:
+            return messages, []
+        small = [m for m in messages if m.size <= a.limit]
+        big = [m for m in messages if m.size > a.limit]
+        for m in big:
+            if await self.state.notice(
+                a.name, folder, uidvalidity, m.uid or str(m.number), "limit"
+            ):
+                what = "deleted on the server" if a.limit_delete else "left on the server"
+                log.warning(
+                    "%s: message %s is %d bytes, over the limit of %d: %s",
+                    self.where,
+                    m.uid or m.number,
+                    m.size,
+                    a.limit,
+                    what,
+                )
+            self.result.skipped += 1
+        return small, big
 
     def _skip(self, problem: str) -> None:
         """One message could not be had; it stays on the server and the others go on."""
@@ -367,11 +425,25 @@ class Poller:
         uids = await client.uids() if status.exists else []
         seen = await self.state.seen(a.name, folder, status.uidvalidity)
         rejected = await self.state.rejected(a.name, folder, status.uidvalidity)
-        done = [u for u in uids if str(u) in seen]  # delivered before, still there
+        done = [u for u in uids if str(u) in seen and not a.fetch_all]  # delivered, still there
+        expired: list[int] = []
+        if a.keep and a.delete_after_days:
+            cutoff = time.time() - a.delete_after_days * 86400
+            old = await self.state.delivered_before(a.name, folder, status.uidvalidity, cutoff)
+            expired = [u for u in uids if str(u) in old]
+        new = [u for u in uids if (a.fetch_all or str(u) not in seen) and str(u) not in rejected]
+        if a.limit and new:
+            sizes = await client.sizes(new)
+            listed = [Listing(0, str(u), sizes.get(u, 0)) for u in new]
+            small, big = await self._apply_limit(listed, folder, status.uidvalidity)
+            new = [int(m.uid) for m in small]
+            if a.limit_delete:
+                expired += [int(m.uid) for m in big]
+        if self._budget is not None:
+            new = new[: self._budget]
+            self._budget -= len(new)
         deferred: DeliveryDeferred | None = None
-        for uid in uids:
-            if str(uid) in seen or str(uid) in rejected:
-                continue
+        for uid in new:
             try:
                 body = await client.fetch(uid)
             except MessageUnavailable as e:
@@ -393,14 +465,16 @@ class Poller:
                 break
             if ok:
                 await self.state.record(a.name, folder, status.uidvalidity, str(uid))
-                done.append(uid)
+                if uid not in done:
+                    done.append(uid)
             if self.stopping():
                 break
         on_server = {str(u) for u in uids}
-        if not a.keep and done:
-            await client.delete(done)
-            self.result.deleted += len(done)
-            on_server -= {str(u) for u in done}
+        to_delete = ([] if a.keep else done) + expired
+        if to_delete:
+            await client.delete(to_delete)
+            self.result.deleted += len(to_delete)
+            on_server -= {str(u) for u in to_delete}
         await self.state.forget(a.name, folder, status.uidvalidity, (seen | rejected) - on_server)
         if deferred is not None:
             raise deferred

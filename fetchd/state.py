@@ -22,7 +22,7 @@ from typing import TypeVar
 from fetchd.errors import ConfigError
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     account TEXT NOT NULL,
@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS rejected (
     reason TEXT NOT NULL,
     rejected_at REAL NOT NULL,
     PRIMARY KEY (account, folder, uidvalidity, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS noticed (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid TEXT NOT NULL,
+    what TEXT NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid, what)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS folders (
     account TEXT NOT NULL,
@@ -172,7 +180,7 @@ class State:
 
         def q(db: sqlite3.Connection) -> None:
             with db:
-                for table in ("seen", "partial", "rejected"):
+                for table in ("seen", "partial", "rejected", "noticed"):
                     db.executemany(
                         f"DELETE FROM {table} WHERE account=? AND folder=? AND uidvalidity=? "  # noqa: S608
                         "AND uid=?",
@@ -180,6 +188,36 @@ class State:
                     )
 
         await self._run(q)
+
+    async def delivered_before(
+        self, account: str, folder: str, uidvalidity: int, cutoff: float
+    ) -> set[str]:
+        """Messages delivered before ``cutoff`` (a time.time() value)."""
+
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT uid FROM seen WHERE account=? AND folder=? AND uidvalidity=? "
+                "AND delivered_at<?",
+                (account, folder, uidvalidity, cutoff),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
+    async def notice(
+        self, account: str, folder: str, uidvalidity: int, uid: str, what: str
+    ) -> bool:
+        """Remember that something was said about a message; True the first time only."""
+
+        def q(db: sqlite3.Connection) -> bool:
+            with db:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO noticed VALUES (?, ?, ?, ?, ?)",
+                    (account, folder, uidvalidity, uid, what),
+                )
+            return cursor.rowcount == 1
+
+        return await self._run(q)
 
     async def uidvalidity(self, account: str, folder: str) -> int | None:
         def q(db: sqlite3.Connection) -> int | None:
@@ -199,7 +237,7 @@ class State:
                     "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
                     (account, folder, uidvalidity),
                 )
-                for table in ("seen", "partial", "rejected"):
+                for table in ("seen", "partial", "rejected", "noticed"):
                     db.execute(
                         f"DELETE FROM {table} WHERE account=? AND folder=? "  # noqa: S608
                         "AND uidvalidity<>?",

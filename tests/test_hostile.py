@@ -334,7 +334,6 @@ async def test_pop3_login_errors_are_classified(
 @pytest.mark.parametrize(
     "uidl",
     [
-        b"+OK\r\n1\r\n.\r\n",  # no UID
         b"+OK\r\nx u1\r\n.\r\n",  # no number
         b"+OK\r\n\r\n.\r\n",  # empty line
     ],
@@ -351,16 +350,34 @@ async def test_pop3_malformed_uidl_is_a_protocol_error(configs: ConfigWriter, ui
     assert sink.accepted == [] and not server.sent(b"DELE") and not server.sent(b"RETR")
 
 
-async def test_pop3_without_uidl_is_permanent(configs: ConfigWriter) -> None:
+async def test_pop3_without_uidl_is_permanent_only_with_keep(configs: ConfigWriter) -> None:
     class Server(FakePOP3):
         async def on_uidl(self, w: asyncio.StreamWriter, args: list[bytes]) -> Any:
             w.write(b"-ERR what?\r\n")
 
     server = Server([(b"u1", msg(1))])
-    async with pop3_setup(configs, server) as (config, sink):
+    async with pop3_setup(configs, server, keep=True) as (config, sink):
         outcome = await poll(config)
     assert isinstance(outcome.error, PermanentError), outcome.line()
+    assert "keep: true needs it" in str(outcome.error)
     assert sink.accepted == [] and server.mailbox != []
+    async with pop3_setup(configs, server) as (config, sink):  # deleting: UIDs not needed
+        outcome = await poll(config)
+    assert outcome.ok, outcome.line()
+    assert bodies(sink) == [msg(1)] and server.mailbox == []
+
+
+async def test_pop3_message_without_a_uid_is_delivered_once(configs: ConfigWriter) -> None:
+    class Server(FakePOP3):
+        async def on_uidl(self, w: asyncio.StreamWriter, args: list[bytes]) -> Any:
+            w.write(b"+OK\r\n1\r\n2 u2\r\n.\r\n")  # message 1 has no UID
+
+    server = Server([(b"u1", msg(1)), (b"u2", msg(2))])
+    async with pop3_setup(configs, server, keep=True) as (config, sink):
+        first = await poll(config)
+        second = await poll(config)
+    assert first.ok and second.ok, (first.line(), second.line())
+    assert sorted(bodies(sink)) == sorted([msg(1), msg(2)]), "each delivered exactly once"
 
 
 async def test_pop3_list_and_uidl_disagree_on_numbers(configs: ConfigWriter) -> None:

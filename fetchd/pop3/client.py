@@ -339,8 +339,13 @@ class POP3Client:
             raise ProtocolError(f"{self.where}: server does not end the SASL exchange")
         return reply
 
-    async def listing(self) -> list[Listing]:
-        """Every message with its UIDL and size (UIDL and LIST pipelined when allowed)."""
+    async def listing(self, *, uidl_required: bool = True) -> list[Listing]:
+        """Every message with its UIDL and size (UIDL and LIST pipelined when allowed).
+
+        A message whose UIDL is empty or shared with another cannot be tracked by UID: it comes
+        marked ``duplicate`` (the poller then knows it by a digest of its bytes). Without UIDL
+        at all, every message is so marked, unless ``uidl_required``.
+        """
         if "PIPELINING" in self.capabilities:
             self._send("UIDL")
             self._send("LIST")
@@ -348,22 +353,24 @@ class POP3Client:
         else:
             uidl = await self.command("UIDL")
             sizes = await self.command("LIST")
-        if not uidl.ok:
-            raise PermanentError(
-                f"{self.where}: server does not support UIDL ({_text(uidl)}), which fetchd "
-                "needs to know which messages are new"
-            )
         if not sizes.ok:
             raise self._error("LIST", sizes)
-        uids = _parse_pairs(uidl, self.where, "UIDL")
         size_of: dict[int, int] = {}
         for number, rest in _parse_pairs(sizes, self.where, "LIST"):
             size = rest.split(b" ")[0]
             if size.isdigit() and len(size) <= 15:  # otherwise unknown: no size check
                 size_of[number] = int(size)
+        if not uidl.ok:
+            if uidl_required:
+                raise PermanentError(
+                    f"{self.where}: server does not support UIDL ({_text(uidl)}); keep: true "
+                    "needs it to know which messages are new"
+                )
+            return [Listing(n, "", size, True) for n, size in sorted(size_of.items())]
+        uids = _parse_pairs(uidl, self.where, "UIDL", allow_empty=True)
         counts = Counter(rest for _, rest in uids)
         return [
-            Listing(number, uid_key(rest), size_of.get(number, 0), counts[rest] > 1)
+            Listing(number, uid_key(rest), size_of.get(number, 0), counts[rest] > 1 or not rest)
             for number, rest in uids
         ]
 
@@ -445,13 +452,15 @@ def _text(reply: Reply) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:200] or "(no text)"
 
 
-def _parse_pairs(reply: Reply, where: str, what: str) -> list[tuple[int, bytes]]:
+def _parse_pairs(
+    reply: Reply, where: str, what: str, *, allow_empty: bool = False
+) -> list[tuple[int, bytes]]:
     """``n rest`` lines of UIDL or LIST: the message number and the rest of the line."""
     pairs: list[tuple[int, bytes]] = []
     for line in reply.lines():
         number, _, rest = line.strip(b" \t").partition(b" ")
         rest = rest.strip(b" \t")
-        if not number.isdigit() or len(number) > 10 or not rest:
+        if not number.isdigit() or len(number) > 10 or not (rest or allow_empty):
             raise ProtocolError(f"{where}: malformed {what} line: {line[:80]!r}")
         pairs.append((int(number), rest))
     return pairs
