@@ -270,7 +270,7 @@ class Poller:
         budget = a.fetch_limit or None
         while True:
             more = await self._pop3_session(budget)
-            if not more or self.stopping():
+            if not more or not a.expunge_every or self.stopping():
                 return
             if budget is not None:
                 budget -= a.expunge_every

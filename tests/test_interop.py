@@ -405,3 +405,34 @@ async def test_no_opportunistic_starttls_to_the_local_mta(
         (outcome,) = await poll_once(configs.write([account]))
     assert outcome.ok, outcome.line()
     assert [a.tls for a in sink.accepted] == [False]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "auth", "method"),
+    [
+        ("imap", "login", "PLAIN"),  # Dovecot logs the LOGIN command as PLAIN
+        ("imap", "plain", "PLAIN"),
+        ("imap", "cram-md5", "CRAM-MD5"),
+        ("pop3", "any", "CRAM-MD5"),
+        ("pop3", "user", "PLAIN"),
+        ("pop3", "login", "LOGIN"),
+    ],
+)
+async def test_authentication_methods_with_dovecot(
+    dovecot: Dovecot,
+    mailbox_user: str,
+    sink: Sink,
+    configs: ConfigWriter,
+    protocol: str,
+    auth: str,
+    method: str,
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: auth\n\nbody\n"])
+    account = configs.account(
+        dovecot, mailbox_user, protocol=protocol, mode="starttls", sink_port=sink.port, auth=auth
+    )
+    (outcome,) = await poll_once(configs.write([account]))
+    assert outcome.ok, outcome.line()
+    assert len(sink.accepted) == 1
+    # Dovecot logs USER/PASS and IMAP LOGIN as PLAIN.
+    assert f"Login: user=<{mailbox_user}>, method={method}" in dovecot.log()
