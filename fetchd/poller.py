@@ -295,6 +295,11 @@ class Poller:
             on_server = {m.uid for m in trackable}
             if len(trackable) < len(listing):
                 log.warning("%s: some messages have no usable UID; known by digest", self.where)
+            odd = [m.uid for m in trackable if len(m.uid) > 70 or not m.uid.isprintable()]
+            if odd:  # RFC 1939: 1 to 70 printable characters; kept whole all the same
+                log.info(
+                    "%s: %d UIDs break RFC 1939's form, e.g. %r", self.where, len(odd), odd[0][:80]
+                )
             if a.keep and a.delete_after_days:  # keep them for a while, then delete them
                 cutoff = time.time() - a.delete_after_days * 86400
                 old = await self.state.delivered_before(a.name, "", 0, cutoff)
