@@ -156,6 +156,10 @@ class Account:
     fetch_limit: int = 0  # messages per poll; 0: all
     delete_after_days: float = 0  # with keep: delete delivered messages this much later
     expunge_every: int = 0  # POP3: QUIT and reconnect after this many deletions
+    after_delivery: str = "delete"  # IMAP: delete, seen, move or leave (keep: true = leave)
+    move_to: str | None = None
+    uidvalidity_change: str = "refetch"  # IMAP: refetch (skipping known digests) or rebaseline
+    idle: bool = False  # IMAP: stay connected and fetch new mail as soon as it arrives
 
     def where(self) -> str:
         """How error messages name this account: ``name (user at host:port)``."""
@@ -392,6 +396,10 @@ _ACCOUNT_KEYS = (
     "fetch_limit",
     "delete_after_days",
     "expunge_every",
+    "after_delivery",
+    "move_to",
+    "uidvalidity_change",
+    "idle",
 )
 AUTH_METHODS = ("any", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
 _PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
@@ -606,6 +614,21 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
     if delete_after_days and not keep:
         raise s.error("delete_after_days", "applies with keep: true (else mail is deleted at once)")
     expunge_every = s.integer("expunge_every", 0, 0, 10_000_000)
+    imap_only = [k for k in ("after_delivery", "move_to", "uidvalidity_change", "idle") if s.has(k)]
+    if protocol == "pop3" and imap_only:
+        raise s.error(imap_only[0], "applies to IMAP only")
+    after_delivery = s.choice(
+        "after_delivery", ("delete", "seen", "move", "leave"), "leave" if keep else "delete"
+    )
+    if keep and after_delivery != "leave":
+        raise s.error("after_delivery", "contradicts keep: true (which means leave)")
+    if after_delivery == "leave":
+        keep = True
+    move_to = s.text("move_to", None)
+    if (after_delivery == "move") != (move_to is not None):
+        raise s.error("move_to", "give move_to exactly when after_delivery is move")
+    uidvalidity_change = s.choice("uidvalidity_change", ("refetch", "rebaseline"), "refetch")
+    idle = s.flag("idle", False)
 
     deliver = _delivery(ctx, s.section("deliver"), warnings)
     s.done()
@@ -631,6 +654,10 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         fetch_limit=fetch_limit,
         delete_after_days=delete_after_days,
         expunge_every=expunge_every,
+        after_delivery=after_delivery,
+        move_to=move_to,
+        uidvalidity_change=uidvalidity_change,
+        idle=idle,
     )
 
 

@@ -49,6 +49,10 @@ EXPUNGE_BATCH = 200
 MAX_LINE = 16 << 20  # a UID SEARCH of a million messages is about 8 MB on one line
 
 
+class FolderUnavailable(TemporaryError):
+    """A folder cannot be selected: reported, and the other folders go on."""
+
+
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol plus a STARTTLS guard, SASL continuations and fail-fast."""
 
@@ -453,7 +457,10 @@ class IMAPClient:
         p = self._proto
         response = await self._call(f"SELECT {folder}", p.select(_quote(encode_mailbox(folder))))
         if response.result != "OK":
-            raise TemporaryError(f"{self.where}: cannot open folder {folder!r}: {_text(response)}")
+            raise FolderUnavailable(
+                f"{self.where}: cannot open folder {folder!r} (does it still exist?): "
+                f"{_text(response)}"
+            )
         uidvalidity = uidnext = exists = None
         for line in response.lines:
             if not isinstance(line, bytes | bytearray):
@@ -569,6 +576,40 @@ class IMAPClient:
             response = await self._call("EXPUNGE", p.expunge())
         if response.result != "OK":
             raise TemporaryError(f"{self.where}: EXPUNGE failed: {_text(response)}")
+
+    async def mark_seen(self, uids: Iterable[int]) -> None:
+        wanted = sorted(set(uids))
+        p = self._proto
+        for start in range(0, len(wanted), EXPUNGE_BATCH):
+            uid_set = compress_uids(wanted[start : start + EXPUNGE_BATCH])
+            response = await self._call(
+                "UID STORE \\Seen", p.store(uid_set, "+FLAGS.SILENT", r"(\Seen)", by_uid=True)
+            )
+            if response.result != "OK":
+                raise TemporaryError(f"{self.where}: cannot flag messages seen: {_text(response)}")
+
+    async def move(self, uids: Iterable[int], folder: str) -> None:
+        """MOVE when offered, else COPY then delete exactly those messages."""
+        wanted = sorted(set(uids))
+        p = self._proto
+        target = _quote(encode_mailbox(folder))
+        for start in range(0, len(wanted), EXPUNGE_BATCH):
+            batch = wanted[start : start + EXPUNGE_BATCH]
+            uid_set = compress_uids(batch)
+            if "MOVE" in self.capabilities:
+                response = await self._call(
+                    f"UID MOVE to {folder}", p.move(uid_set, target, by_uid=True)
+                )
+            else:
+                response = await self._call(
+                    f"UID COPY to {folder}", p.copy(uid_set, target, by_uid=True)
+                )
+                if response.result == "OK":
+                    await self._delete_batch(batch)
+            if response.result != "OK":
+                raise TemporaryError(
+                    f"{self.where}: cannot move messages to {folder!r}: {_text(response)}"
+                )
 
     async def logout(self) -> None:
         try:

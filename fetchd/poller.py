@@ -24,7 +24,7 @@ from fetchd.errors import (
     PermanentError,
     TemporaryError,
 )
-from fetchd.imap import IMAPClient
+from fetchd.imap import FolderUnavailable, IMAPClient
 from fetchd.message import envelope_sender, received_header, recipients_for
 from fetchd.pop3.client import Listing, POP3Client
 from fetchd.state import State
@@ -51,6 +51,7 @@ class PollResult:
     dropped: int = 0
     skipped: int = 0
     deleted: int = 0
+    moved: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -58,6 +59,8 @@ class PollResult:
         parts = [f"{self.delivered} delivered"]
         if self.deleted:
             parts.append(f"{self.deleted} deleted on the server")
+        if self.moved:
+            parts.append(f"{self.moved} moved on the server")
         if self.rejected:
             parts.append(f"{self.rejected} refused by the MTA (kept on the server)")
         if self.redirected:
@@ -404,11 +407,18 @@ class Poller:
         client = await self._connect(IMAPClient)
         try:
             await client.login(a.user, await self._secret(), method=a.auth)
+            missing: list[FolderUnavailable] = []
             for folder in a.folders:
-                await self._poll_folder(client, folder)
+                try:
+                    await self._poll_folder(client, folder)
+                except FolderUnavailable as e:
+                    missing.append(e)  # the other folders go on
+                    log.warning("%s", e)
                 if self.stopping():
                     break
             await client.logout()
+            if missing:
+                raise missing[0]
         finally:
             client.close()
 
@@ -416,17 +426,28 @@ class Poller:
         a = self.account
         status = await client.select(folder)
         known = await self.state.uidvalidity(a.name, folder)
+        changed = known is not None and known != status.uidvalidity
         if known != status.uidvalidity:
-            if known is not None:
-                log.warning(
-                    "%s: folder %r has a new UIDVALIDITY (%d, was %d): its messages will be "
-                    "fetched again",
-                    self.where,
-                    folder,
-                    status.uidvalidity,
-                    known,
-                )
             await self.state.set_uidvalidity(a.name, folder, status.uidvalidity)
+        if changed:
+            log.warning(
+                "%s: folder %r has a new UIDVALIDITY (%d, was %d): nothing is deleted in this "
+                "poll; %s",
+                self.where,
+                folder,
+                status.uidvalidity,
+                known,
+                "its messages count as delivered (uidvalidity_change: rebaseline)"
+                if a.uidvalidity_change == "rebaseline"
+                else "messages delivered before are recognised by their digest",
+            )
+            if a.uidvalidity_change == "rebaseline":
+                current = await client.uids() if status.exists else []
+                await self.state.record_many(
+                    a.name, folder, status.uidvalidity, [str(u) for u in current]
+                )
+                return
+        digests = await self.state.known_digests(a.name, folder) if changed else set()
         uids = await client.uids() if status.exists else []
         seen = await self.state.seen(a.name, folder, status.uidvalidity)
         rejected = await self.state.rejected(a.name, folder, status.uidvalidity)
@@ -448,11 +469,16 @@ class Poller:
             new = new[: self._budget]
             self._budget -= len(new)
         deferred: DeliveryDeferred | None = None
+        fresh: list[int] = []  # delivered in this poll
         for uid in new:
             try:
                 body = await client.fetch(uid)
             except MessageUnavailable as e:
                 self._skip(str(e).removeprefix(f"{self.where}: "))
+                continue
+            digest = hashlib.sha256(body).hexdigest()[:32]
+            if digest in digests:  # delivered before the UIDVALIDITY changed
+                await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
                 continue
             try:
                 ok = await self._deliver(
@@ -469,17 +495,30 @@ class Poller:
                 deferred = e  # the MTA is unwell: stop, but delete what it did accept
                 break
             if ok:
-                await self.state.record(a.name, folder, status.uidvalidity, str(uid))
+                await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
+                fresh.append(uid)
                 if uid not in done:
                     done.append(uid)
             if self.stopping():
                 break
         on_server = {str(u) for u in uids}
-        to_delete = ([] if a.keep else done) + expired
-        if to_delete:
-            await client.delete(to_delete)
-            self.result.deleted += len(to_delete)
-            on_server -= {str(u) for u in to_delete}
+        action = a.after_delivery
+        if changed:
+            action, expired = "leave", []  # never delete while the UIDs are in doubt
+        gone: list[int] = list(expired)
+        if action == "delete":
+            gone += done
+        elif action == "move" and done:
+            assert a.move_to is not None
+            await client.move(done, a.move_to)
+            self.result.moved += len(done)
+            on_server -= {str(u) for u in done}
+        elif action == "seen" and fresh:
+            await client.mark_seen(fresh)
+        if gone:
+            await client.delete(gone)
+            self.result.deleted += len(gone)
+            on_server -= {str(u) for u in gone}
         await self.state.forget(a.name, folder, status.uidvalidity, (seen | rejected) - on_server)
         if deferred is not None:
             raise deferred

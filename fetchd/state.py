@@ -22,7 +22,7 @@ from typing import TypeVar
 from fetchd.errors import ConfigError
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     account TEXT NOT NULL,
@@ -30,7 +30,14 @@ CREATE TABLE IF NOT EXISTS seen (
     uidvalidity INTEGER NOT NULL,
     uid TEXT NOT NULL,
     delivered_at REAL NOT NULL,
+    digest TEXT,
     PRIMARY KEY (account, folder, uidvalidity, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS digests (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (account, folder, digest)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS partial (
     account TEXT NOT NULL,
@@ -103,14 +110,19 @@ class State:
 
         return await self._run(q)
 
-    async def record(self, account: str, folder: str, uidvalidity: int, uid: str) -> None:
-        """Remember a delivered message; committed when this returns."""
+    async def record(
+        self, account: str, folder: str, uidvalidity: int, uid: str, digest: str | None = None
+    ) -> None:
+        """Remember a delivered message; committed when this returns. The digest of its bytes
+        lets a folder whose UIDVALIDITY changed be fetched again without duplicates."""
         now = time.time()
         key = (account, folder, uidvalidity, uid)
 
         def q(db: sqlite3.Connection) -> None:
             with db:
-                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?)", (*key, now))
+                db.execute(
+                    "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?, ?)", (*key, now, digest)
+                )
                 db.execute(
                     "DELETE FROM partial WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
                     key,
@@ -189,6 +201,30 @@ class State:
 
         await self._run(q)
 
+    async def known_digests(self, account: str, folder: str) -> set[str]:
+        """Digests of messages delivered from this folder before its UIDVALIDITY changed."""
+
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT digest FROM digests WHERE account=? AND folder=?", (account, folder)
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
+    async def record_many(
+        self, account: str, folder: str, uidvalidity: int, uids: list[str]
+    ) -> None:
+        """Mark messages as delivered without delivering them (a re-baseline)."""
+        now = time.time()
+        rows = [(account, folder, uidvalidity, uid, now, None) for uid in uids]
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+        await self._run(q)
+
     async def delivered_before(
         self, account: str, folder: str, uidvalidity: int, cutoff: float
     ) -> set[str]:
@@ -237,6 +273,13 @@ class State:
                     "INSERT OR REPLACE INTO folders VALUES (?, ?, ?)",
                     (account, folder, uidvalidity),
                 )
+                # What was delivered under the old UIDVALIDITY stays known by its digest.
+                db.execute("DELETE FROM digests WHERE account=? AND folder=?", (account, folder))
+                db.execute(
+                    "INSERT OR IGNORE INTO digests SELECT account, folder, digest FROM seen "
+                    "WHERE account=? AND folder=? AND uidvalidity<>? AND digest IS NOT NULL",
+                    (account, folder, uidvalidity),
+                )
                 for table in ("seen", "partial", "rejected", "noticed"):
                     db.execute(
                         f"DELETE FROM {table} WHERE account=? AND folder=? "  # noqa: S608
@@ -265,6 +308,9 @@ def _connect(path: str) -> sqlite3.Connection:
             )
         with db:
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(seen)")}
+            if "digest" not in columns:  # written by an older fetchd
+                db.execute("ALTER TABLE seen ADD COLUMN digest TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except sqlite3.Error as e:
         raise ConfigError(f"cannot open state file {path}: {e}") from None
