@@ -40,6 +40,10 @@ class MessageUnavailable(TemporaryError):
     """The server would not give one message now (refused, cut short): skip it, go on."""
 
 
+class NoIdle(TemporaryError):
+    """The IMAP server does not offer IDLE: the folder is polled at the interval instead."""
+
+
 class PermanentError(FetchdError):
     """Retrying will not help until the configuration or the server changes."""
 

@@ -22,7 +22,13 @@ from typing import Any, TypeVar
 import aioimaplib
 
 from fetchd.deadline import Progress
-from fetchd.errors import MessageUnavailable, PermanentError, ProtocolError, TemporaryError
+from fetchd.errors import (
+    MessageUnavailable,
+    NoIdle,
+    PermanentError,
+    ProtocolError,
+    TemporaryError,
+)
 from fetchd.sasl import Mechanism, decode_challenge
 from fetchd.sasl import make as sasl_make
 from fetchd.tls import Security, describe_connect_error, tls_description, translate_tls_error
@@ -49,6 +55,10 @@ EXPUNGE_BATCH = 200
 MAX_LINE = 16 << 20  # a UID SEARCH of a million messages is about 8 MB on one line
 
 
+CONNECTION_LOST = [b"* connection lost"]
+_CHANGE = re.compile(rb"^\d+ (EXISTS|RECENT)\b|^BYE\b", re.IGNORECASE)
+
+
 class FolderUnavailable(TemporaryError):
     """A folder cannot be selected: reported, and the other folders go on."""
 
@@ -67,6 +77,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.incomplete_line: bytes = b""
         self.current_command: Any = None
         self.received_bytes = 0
+        self.news = False  # an EXISTS/RECENT arrived since the last UID SEARCH
         self.secrets: list[str] = []  # kept out of every error text
 
     def data_received(self, d: bytes) -> None:
@@ -117,6 +128,13 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             raise aioimaplib.Error(command.decode("ascii", "replace")[:200])
         await self.capability()
 
+    def _untagged_response(self, line: bytes) -> Any:
+        # New mail announced in the answer to some other command (the library would drop it
+        # or file it away): remembered, so IDLE does not start blind to it.
+        if _CHANGE.match(line.removeprefix(b"* ")):
+            self.news = True
+        return super()._untagged_response(line)
+
     def _continuation(self, line: bytes) -> None:
         pending = self.pending_sync_command
         if pending is not None and pending.name == "AUTHENTICATE":
@@ -139,6 +157,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionResetError("connection closed by the server")
+        self.idle_queue.put_nowait(CONNECTION_LOST)  # wakes an IDLE wait at once
         self._fail_all(TemporaryError("connection closed by the server"))
         super().connection_lost(exc)
 
@@ -328,24 +347,34 @@ class IMAPClient:
         """
         loop = asyncio.get_running_loop()
         p = self._proto
+        if p.lost is not None:  # a command sent now would wait for ever
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise TemporaryError(f"{self.where}: {what}: the connection was closed")
         progress = Progress(self.timeout, loop.time())
         start_bytes = p.received_bytes
         task = asyncio.ensure_future(awaitable)
         try:
+            last_bytes, quiet_since = p.received_bytes, loop.time()
             while True:
-                before = p.received_bytes
-                progress.received = before - start_bytes
+                progress.received = p.received_bytes - start_bytes
                 remaining = progress.remaining(loop.time())
                 if remaining <= 0:
                     raise TemporaryError(
                         f"{self.where}: {what}: server sends too slowly ({progress.received} "
                         f"bytes in {loop.time() - progress.start:.0f} s); giving up"
                     )
-                wait = min(remaining, self.timeout)
-                done, _ = await asyncio.wait({task}, timeout=wait)
+                # Wake up every second: a connection that died under a command that will never
+                # be answered is noticed at once, not after the whole timeout.
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, 1.0))
                 if task in done:
                     return task.result()
-                if p.received_bytes == before and wait >= self.timeout:
+                closing = p.transport is None or p.transport.is_closing()
+                if p.lost is not None or closing:
+                    raise TemporaryError(f"{self.where}: {what}: the connection was closed")
+                if p.received_bytes != last_bytes:
+                    last_bytes, quiet_since = p.received_bytes, loop.time()
+                elif loop.time() - quiet_since >= self.timeout:
                     raise TemporaryError(
                         f"{self.where}: no answer to {what} within {self.timeout:g} s"
                     )
@@ -456,6 +485,7 @@ class IMAPClient:
     async def select(self, folder: str) -> FolderStatus:
         p = self._proto
         response = await self._call(f"SELECT {folder}", p.select(_quote(encode_mailbox(folder))))
+        p.news = False  # the EXISTS of the SELECT answer itself is not news
         if response.result != "OK":
             raise FolderUnavailable(
                 f"{self.where}: cannot open folder {folder!r} (does it still exist?): "
@@ -480,6 +510,7 @@ class IMAPClient:
     async def uids(self) -> list[int]:
         """Every UID in the selected folder."""
         p = self._proto
+        p.news = False
         response = await self._call("UID SEARCH", p.search("ALL", charset=None, by_uid=True))
         if response.result != "OK":
             raise TemporaryError(f"{self.where}: UID SEARCH failed: {_text(response)}")
@@ -610,6 +641,58 @@ class IMAPClient:
                 raise TemporaryError(
                     f"{self.where}: cannot move messages to {folder!r}: {_text(response)}"
                 )
+
+    async def idle_until_change(self, max_wait: float, stop: asyncio.Event) -> bool:
+        """IDLE on the selected folder until the server reports new mail (True), or until
+        ``max_wait`` passes or ``stop`` is set (False). A dead connection, BYE, or no answer to
+        DONE raises TemporaryError: the caller reconnects."""
+        if "IDLE" not in self.capabilities:
+            raise NoIdle(f"{self.where}: server does not offer IDLE; polling instead")
+        c, p = self._client, self._proto
+        if p.news:  # mail arrived after the last search: fetch it before idling
+            return True
+        loop = asyncio.get_running_loop()
+        while not p.idle_queue.empty():  # leftovers of an earlier IDLE
+            p.idle_queue.get_nowait()
+        idle = await self._call("IDLE", c.idle_start(timeout=max_wait + 3600))
+        changed = False
+        try:
+            deadline = loop.time() + max_wait
+            while not changed and not stop.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                push = asyncio.ensure_future(p.idle_queue.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait(
+                    {push, stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in (push, stopper):
+                    if task not in done:
+                        task.cancel()
+                if push not in done:
+                    continue
+                lines = push.result()
+                if lines is CONNECTION_LOST or p.lost is not None:
+                    raise TemporaryError(f"{self.where}: connection lost during IDLE")
+                for line in lines:
+                    if isinstance(line, bytes) and _CHANGE.match(line):
+                        if line.upper().startswith(b"BYE"):
+                            raise TemporaryError(f"{self.where}: server ended IDLE with BYE")
+                        changed = True
+        finally:
+            if p.lost is None and p.transport is not None and not p.transport.is_closing():
+                c.idle_done()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await idle
+        except TimeoutError:
+            raise TemporaryError(
+                f"{self.where}: no answer to DONE: the connection is dead"
+            ) from None
+        except (aioimaplib.AioImapException, TemporaryError) as e:
+            raise TemporaryError(f"{self.where}: IDLE ended badly: {e}") from None
+        return changed
 
     async def logout(self) -> None:
         try:

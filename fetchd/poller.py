@@ -37,6 +37,7 @@ from fetchd.tls import (
 )
 
 log = logging.getLogger("fetchd.poll")
+IDLE_REFRESH = 29 * 60.0
 Client = TypeVar("Client", POP3Client, IMAPClient)
 
 
@@ -263,6 +264,27 @@ class Poller:
         self.result.problems.append(text)
         log.warning("%s; kept on the server and not fetched again", text)
         return False
+
+    async def watch(self, folder: str, stop: asyncio.Event, refresh: float = IDLE_REFRESH) -> None:
+        """IMAP IDLE on one folder: fetch what is there, wait for news, fetch again, until
+        ``stop``. IDLE is renewed every ``refresh`` seconds (servers drop it after 30 minutes).
+        Errors are raised: the caller reconnects, with back-off."""
+        a = self.account
+        client = await self._connect(IMAPClient)
+        try:
+            await client.login(a.user, await self._secret(), method=a.auth)
+            while not stop.is_set():
+                self.result = PollResult()
+                try:
+                    await self._poll_folder(client, folder)
+                finally:
+                    await self.delivery.close()
+                if self.result.fetched or self.result.problems:
+                    log.info("%s: %s: %s", a.name, folder, self.result.summary())
+                await client.idle_until_change(refresh, stop)
+            await client.logout()
+        finally:
+            client.close()
 
     # -- POP3 ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fetchd.config import Account, Config
-from fetchd.errors import ConfigError, FetchdError, PermanentError
+from fetchd.errors import ConfigError, FetchdError, NoIdle, PermanentError
 from fetchd.poller import Poller, PollResult
 from fetchd.state import State
 
@@ -110,7 +110,12 @@ class Supervisor:
         On stop, pollers finish the message in hand; after ``grace`` seconds the rest is
         cancelled.
         """
-        tasks = [asyncio.create_task(self._account_loop(a)) for a in self.config.accounts]
+        tasks = []
+        for a in self.config.accounts:
+            if a.idle and a.protocol == "imap":
+                tasks += [asyncio.create_task(self._idle_loop(a, f)) for f in a.folders]
+            else:
+                tasks.append(asyncio.create_task(self._account_loop(a)))
         try:
             await self.stop.wait()
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -121,6 +126,45 @@ class Supervisor:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _idle_loop(self, account: Account, folder: str) -> None:
+        """One IDLE connection per watched folder, re-established with back-off."""
+        failures = 0
+        while not self.stop.is_set():
+            poller = Poller(account, self.state, stopping=self.stop.is_set)
+            try:
+                await poller.watch(folder, self.stop)
+                failures = 0
+                delay = 0.0
+            except NoIdle as e:  # fall back to polling this folder at the interval
+                log.info("%s", e)
+                failures = 0
+                delay = next_delay(account.interval, 0, False, self.rand())
+            except FetchdError as e:
+                failures += 1
+                permanent = isinstance(e, PermanentError | ConfigError)
+                delay = next_delay(min(account.interval, 60.0), failures, permanent, self.rand())
+                level = logging.ERROR if permanent or failures > 1 else logging.WARNING
+                log.log(
+                    level,
+                    "%s: %s (IDLE %s again in %.0f s)",
+                    account.name,
+                    describe(account, e),
+                    folder,
+                    delay,
+                )
+            except Exception:
+                failures += 1
+                delay = next_delay(60.0, failures, False, self.rand())
+                log.exception(
+                    "account %s: unexpected error while idling on %s", account.name, folder
+                )
+            if delay:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self.stop.wait()
+                except TimeoutError:
+                    pass
 
     async def _account_loop(self, account: Account) -> None:
         failures = 0

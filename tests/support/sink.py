@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Accepted:
     data: bytes
     mail_options: tuple[str, ...]
     tls: bool = False
+    at: float = 0.0  # time.monotonic() when it was accepted
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Sink:
                 envelope.original_content,
                 tuple(envelope.mail_options),
                 session.ssl is not None,
+                time.monotonic(),
             )
         )
         self._arrived.set()
