@@ -25,7 +25,8 @@ log = logging.getLogger("tests.idle")
 @asynccontextmanager
 async def fetchd_run(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     logfile = config.parent / "fetchd.log"
-    with open(logfile, "wb") as err:  # a pipe nobody reads would block fetchd once full
+    # A file, not a pipe: a pipe nobody reads would block fetchd once full.
+    with open(logfile, "wb") as err:  # noqa: ASYNC230 - a quick local open
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
