@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -981,9 +981,3 @@ def _host_port(text: str, default_port: int, fail: Callable[[str], Exception]) -
     if not 1 <= port <= 65535:
         raise fail(f"port must be between 1 and 65535, not {port}")
     return host, port
-
-
-def iter_secrets(config: Config) -> Iterator[str]:
-    """Every secret in a config (for tests and log scrubbing)."""
-    for account in config.accounts:
-        yield account.password.reveal()

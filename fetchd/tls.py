@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import logging
 import ssl
 import warnings
@@ -365,11 +364,3 @@ def tls_description(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     cipher = ssl_object.cipher()
     version = ssl_object.version() or "TLS"
     return f"{version} {cipher[0]}" if cipher else version
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
