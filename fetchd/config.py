@@ -120,6 +120,11 @@ class Delivery:
     on_reject: tuple[tuple[str, str], ...] = (("default", "keep"),)
     quarantine: str | None = None
     multidrop: Multidrop | None = None
+    # After the MTA went silent once the message was sent: deliver it again at the next poll
+    # (may duplicate), or "dedupe": remember its digest and never deliver it again within
+    # dedupe_window seconds — it stays on the server and is listed by `fetchd status`.
+    after_timeout: Literal["redeliver", "dedupe"] = "redeliver"
+    dedupe_window: float = 7 * 86400.0
 
     def reject_action(self, code: int) -> str:
         """keep, delete or redirect, for a permanent refusal with this reply code."""
@@ -454,6 +459,8 @@ _DELIVER_KEYS = (
     "timeout",
     "tls",
     "batch_limit",
+    "after_timeout",
+    "dedupe_window",
     "on_reject",
     "quarantine",
     "multidrop",
@@ -766,6 +773,8 @@ def _delivery(ctx: _Ctx, d: _Section, warnings: list[str]) -> Delivery:
         on_reject=tuple(sorted(on_reject.items())),
         quarantine=quarantine,
         multidrop=multidrop,
+        after_timeout=d.choice("after_timeout", ("redeliver", "dedupe"), "redeliver"),
+        dedupe_window=d.number("dedupe_window", 7 * 86400.0, 60.0, 366 * 86400.0),
     )
     d.done()
     return delivery

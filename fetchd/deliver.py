@@ -15,11 +15,12 @@ import signal
 import socket
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import aiosmtplib
 
 from fetchd.config import Delivery
-from fetchd.errors import DeliveryDeferred
+from fetchd.errors import DeliveryDeferred, DeliveryUncertain
 from fetchd.message import has_8bit
 from fetchd.tls import CertificateError, Security, context_for, describe_tls_error
 
@@ -55,6 +56,16 @@ class Deliverer:
         return DeliveryDeferred(f"{self.where}: delivery to {self.target} failed: {reason}")
 
 
+class _SMTP(aiosmtplib.SMTP):
+    """Remembers whether DATA was started, to tell "not sent" from "sent, reply lost"."""
+
+    data_started = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_started = True
+        return await super().data(*args, **kwargs)
+
+
 class SMTPDeliverer(Deliverer):
     """SMTP or LMTP over TCP or a Unix socket; one connection reused for the poll.
 
@@ -69,10 +80,10 @@ class SMTPDeliverer(Deliverer):
         self._sent_on_connection = 0
         self._smtp = self._client()
 
-    def _client(self) -> aiosmtplib.SMTP:
+    def _client(self) -> _SMTP:
         s = self.settings
         context = context_for(s.tls)
-        return aiosmtplib.SMTP(
+        return _SMTP(
             hostname=None if s.socket else s.host,
             port=None if s.socket else s.port,
             socket_path=s.socket,
@@ -141,7 +152,11 @@ class SMTPDeliverer(Deliverer):
             return await self._transaction(sender, list(recipients), message, options)
         replies: Replies = {}
         for rcpt in recipients:
-            replies.update(await self._transaction(sender, [rcpt], message, options))
+            try:
+                replies.update(await self._transaction(sender, [rcpt], message, options))
+            except DeliveryDeferred as e:  # those that did accept are not sent it again
+                e.accepted = tuple(r for r, (code, _) in replies.items() if 200 <= code < 300)
+                raise
             if not self._smtp.is_connected:
                 break  # 421: the others wait for the next poll
         for rcpt in recipients:
@@ -151,6 +166,7 @@ class SMTPDeliverer(Deliverer):
     async def _transaction(
         self, sender: str, recipients: list[str], message: bytes, options: list[str]
     ) -> Replies:
+        self._smtp.data_started = False
         try:
             refused, _ = await self._smtp.sendmail(
                 sender, recipients, message, mail_options=options, timeout=self.settings.timeout
@@ -161,6 +177,13 @@ class SMTPDeliverer(Deliverer):
             return dict.fromkeys(recipients, (e.code, e.message))
         except (aiosmtplib.SMTPException, OSError, ValueError, UnicodeError) as e:
             self._smtp.close()  # unknown state: never reuse the connection
+            if self._smtp.data_started and isinstance(
+                e, aiosmtplib.SMTPTimeoutError | aiosmtplib.SMTPServerDisconnected | OSError
+            ):
+                raise DeliveryUncertain(
+                    f"{self.where}: the MTA at {self.target} gave no final reply after the "
+                    f"message was sent ({_reason(e)}): it may have queued it"
+                ) from None
             raise self._deferred(_reason(e)) from None
         replies: Replies = dict.fromkeys(recipients, (250, "accepted"))
         replies.update({r: (resp.code, resp.message) for r, resp in refused.items()})

@@ -5,6 +5,7 @@
     ├── TemporaryError   retry the account later (network, timeouts, 4xx, server busy)
     │   ├── ProtocolError     the peer sent something we cannot parse (retry, logged loudly)
     │   ├── DeliveryDeferred  the MTA cannot take mail now: stop fetching, keep the rest
+    │   │   └── DeliveryUncertain  it went silent after the message was sent: maybe delivered
     │   └── MessageUnavailable  the server would not give this one message: skip it
     ├── PermanentError   park the account until a human acts (auth, certificate, no TLS)
     └── MessageRejected  the MTA refused one message for good (5xx): policy decides
@@ -33,7 +34,20 @@ class ProtocolError(TemporaryError):
 
 
 class DeliveryDeferred(TemporaryError):
-    """The MTA did not take the message now (4xx, down, timeout): keep it, retry later."""
+    """The MTA did not take the message now (4xx, down, timeout): keep it, retry later.
+
+    ``accepted`` lists recipients that did accept it before the failure (LMTP), so a retry
+    goes only to the others.
+    """
+
+    def __init__(self, message: str, accepted: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+
+class DeliveryUncertain(DeliveryDeferred):
+    """The connection failed or timed out after the message was sent, before the final reply:
+    the MTA may or may not have queued it."""
 
 
 class MessageUnavailable(TemporaryError):

@@ -6,6 +6,7 @@ or re-encoded. fetchd only looks for the envelope sender and prepends one trace 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -29,6 +30,18 @@ def header_section(message: bytes) -> bytes:
     if not m:
         return message
     return message[: m.start() + (2 if message[m.start()] == 0x0D else 1)]
+
+
+def message_digest(message: bytes) -> str:
+    """Message-ID plus a hash of the body: the same message even when a server rewrote or
+    added headers (a Received: line, a spam score) on the way."""
+    m = _HEADER_END.search(message)
+    body = message[m.end() :] if m else b""
+    ids = header_values(message, "Message-ID")
+    h = hashlib.sha256(ids[0] if ids else b"")
+    h.update(b"\0")
+    h.update(body.replace(b"\r\n", b"\n"))
+    return h.hexdigest()[:32]
 
 
 def envelope_sender(message: bytes) -> str:

@@ -19,13 +19,14 @@ from fetchd.config import Account
 from fetchd.deliver import make_deliverer
 from fetchd.errors import (
     DeliveryDeferred,
+    DeliveryUncertain,
     FetchdError,
     MessageUnavailable,
     PermanentError,
     TemporaryError,
 )
 from fetchd.imap import FolderUnavailable, IMAPClient
-from fetchd.message import envelope_sender, received_header, recipients_for
+from fetchd.message import envelope_sender, message_digest, received_header, recipients_for
 from fetchd.pop3.client import Listing, POP3Client
 from fetchd.state import State
 from fetchd.tls import (
@@ -53,6 +54,7 @@ class PollResult:
     skipped: int = 0
     deleted: int = 0
     moved: int = 0
+    held: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -68,6 +70,8 @@ class PollResult:
             parts.append(f"{self.redirected} refused and sent to the quarantine")
         if self.dropped:
             parts.append(f"{self.dropped} refused and deleted (on_reject: delete)")
+        if self.held:
+            parts.append(f"{self.held} held after the MTA went silent (after_timeout: dedupe)")
         if self.skipped:
             parts.append(f"{self.skipped} the server would not give (kept, retried)")
         return ", ".join(parts)
@@ -201,9 +205,22 @@ class Poller:
                 key=key,
                 ident=ident,
             )
+        digest = message_digest(body) if d.after_timeout == "dedupe" else ""
+        if digest:
+            since = await self.state.uncertain_since(a.name, digest, d.dedupe_window)
+            if since is not None:
+                return await self._held(folder, uidvalidity, key, ident, since)
         done = await self.state.delivered_to(a.name, folder, uidvalidity, key)
         pending = [r for r in recipients if r not in done]
-        replies = await self.delivery.deliver(message, sender, pending) if pending else {}
+        try:
+            replies = await self.delivery.deliver(message, sender, pending) if pending else {}
+        except DeliveryDeferred as e:
+            if e.accepted:
+                await self.state.record_partial(a.name, folder, uidvalidity, key, e.accepted)
+            if digest and isinstance(e, DeliveryUncertain):
+                await self.state.record_uncertain(a.name, folder, key, digest, ident)
+                await self._held(folder, uidvalidity, key, ident, time.time())
+            raise
         accepted = [r for r, (code, _) in replies.items() if 200 <= code < 300]
         deferred = {r: reply for r, reply in replies.items() if 400 <= reply[0] < 500}
         refused = {r: reply for r, reply in replies.items() if reply[0] >= 500}
@@ -226,6 +243,24 @@ class Poller:
             )
         self.result.delivered += 1
         return True
+
+    async def _held(
+        self, folder: str, uidvalidity: int, key: str, ident: str, since: float
+    ) -> bool:
+        """after_timeout: dedupe — the MTA went silent after taking this message, so it may
+        have it: not delivered again, kept on the server, listed by `fetchd status`."""
+        a = self.account
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        text = (
+            f"{self.where}: message {ident} is not delivered again: the MTA at "
+            f"{self.delivery.target} gave no final reply for it at {when}, so it may have it "
+            "(after_timeout: dedupe); kept on the server — check the MTA's log"
+        )
+        await self.state.record_rejected(a.name, folder, uidvalidity, key, 0, text)
+        self.result.held += 1
+        self.result.problems.append(text)
+        log.warning("%s", text)
+        return False
 
     async def _refused(
         self,

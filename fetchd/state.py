@@ -22,7 +22,7 @@ from typing import TypeVar
 from fetchd.errors import ConfigError
 
 T = TypeVar("T")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     account TEXT NOT NULL,
@@ -65,6 +65,33 @@ CREATE TABLE IF NOT EXISTS noticed (
     what TEXT NOT NULL,
     PRIMARY KEY (account, folder, uidvalidity, uid, what)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uncertain (
+    account TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    ident TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (account, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS polls (
+    account TEXT PRIMARY KEY,
+    started REAL NOT NULL,
+    seconds REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    summary TEXT NOT NULL,
+    error TEXT,
+    last_ok REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS daemon (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    config TEXT NOT NULL,
+    accounts INTEGER NOT NULL,
+    reload_error TEXT
+);
 CREATE TABLE IF NOT EXISTS folders (
     account TEXT NOT NULL,
     folder TEXT NOT NULL,
@@ -288,6 +315,35 @@ class State:
                     )
 
         await self._run(q)
+
+    async def record_uncertain(
+        self, account: str, folder: str, uid: str, digest: str, ident: str
+    ) -> None:
+        """Remember a message the MTA went silent on after it was sent (after_timeout: dedupe)."""
+        row = (account, digest, folder, uid, ident, time.time())
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO uncertain VALUES (?, ?, ?, ?, ?, ?)", row)
+
+        await self._run(q)
+
+    async def uncertain_since(self, account: str, digest: str, window: float) -> float | None:
+        """When the MTA went silent on this message, if that was less than ``window`` ago.
+
+        Older entries are dropped on the way.
+        """
+        cutoff = time.time() - window
+
+        def q(db: sqlite3.Connection) -> float | None:
+            with db:
+                db.execute("DELETE FROM uncertain WHERE account=? AND at<?", (account, cutoff))
+                row = db.execute(
+                    "SELECT at FROM uncertain WHERE account=? AND digest=?", (account, digest)
+                ).fetchone()
+            return None if row is None else float(row[0])
+
+        return await self._run(q)
 
 
 def _connect(path: str) -> sqlite3.Connection:

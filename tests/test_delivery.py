@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fetchd.errors import DeliveryDeferred
+from fetchd.errors import DeliveryDeferred, DeliveryUncertain
 from tests.conftest import ConfigWriter, as_delivered, corpus_messages, strip_received
 from tests.support.dovecot import Dovecot
 from tests.support.sink import smtp_sink
@@ -423,4 +423,97 @@ async def test_connection_dropped_mid_data_keeps_the_message(
     finally:
         server.close()
     assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+    assert dovecot.count(mailbox_user) == 1
+
+
+async def _silent_after_the_dot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An MTA that reads the whole message, final dot included, then drops the line unanswered."""
+    writer.write(b"220 mta.test ESMTP\r\n")
+    while line := await reader.readline():
+        if line.upper().startswith(b"DATA"):
+            writer.write(b"354 go ahead\r\n")
+            await writer.drain()
+            await reader.readuntil(b"\r\n.\r\n")
+            writer.transport.abort()
+            return
+        ehlo = line.upper().startswith(b"EHLO")
+        writer.write(b"250-mta.test\r\n250 8BITMIME\r\n" if ehlo else b"250 ok\r\n")
+        await writer.drain()
+
+
+@pytest.mark.parametrize("after_timeout", ["redeliver", "dedupe"])
+async def test_no_reply_after_the_final_dot(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, after_timeout: str
+) -> None:
+    """Outcome unknown: the message stays on the server. The default delivers it again at the
+    next poll; after_timeout: dedupe remembers it and does not, also under a new UID."""
+    message = b"Message-ID: <dot@test>\nSubject: lost reply\n\nbody\n"
+    dovecot.deliver(mailbox_user, [message])
+    server = await asyncio.start_server(_silent_after_the_dot, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{port}",
+            to=["u@localhost"],
+            after_timeout=after_timeout,
+        )
+        (outcome,) = await poll_once(config)
+    finally:
+        server.close()
+    assert isinstance(outcome.error, DeliveryUncertain), outcome.line()
+    assert "gave no final reply" in outcome.line()
+    assert dovecot.count(mailbox_user) == 1
+
+    async with smtp_sink() as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["u@localhost"],
+            after_timeout=after_timeout,
+        )
+        (outcome,) = await poll_once(config)
+        assert outcome.ok, outcome.line()
+        if after_timeout == "redeliver":
+            assert [strip_received(a.data)[1] for a in sink.accepted] == [as_delivered(message)]
+            assert dovecot.count(mailbox_user) == 0
+            return
+        assert sink.accepted == [], "a message the MTA may have must not be sent twice"
+        assert dovecot.count(mailbox_user) == 1, "and it is never deleted on an unknown outcome"
+        # The same message again under a new UID (a server re-import, say): known by digest.
+        dovecot.deliver(mailbox_user, [b"Received: by relay.test\n" + message])
+        (outcome,) = await poll_once(config)
+        assert sink.accepted == []
+        assert outcome.result is not None and outcome.result.held == 1, outcome.line()
+        assert dovecot.count(mailbox_user) == 2
+        # A different message still goes through.
+        dovecot.deliver(mailbox_user, [b"Message-ID: <other@test>\n\nother\n"])
+        (outcome,) = await poll_once(config)
+        assert len(sink.accepted) == 1 and outcome.ok, outcome.line()
+
+
+async def test_slow_final_reply_with_dedupe_is_not_delivered_twice(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    """A slow filter may queue the message after fetchd stopped waiting: no second offer."""
+    dovecot.deliver(mailbox_user, [b"Message-ID: <slow@test>\n\nslow filter\n"])
+    async with smtp_sink(delay=2.5) as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["u@localhost"],
+            timeout=1,
+            after_timeout="dedupe",
+        )
+        (outcome,) = await poll_once(config)
+        assert isinstance(outcome.error, DeliveryUncertain), outcome.line()
+        (outcome,) = await poll_once(config)
+    assert outcome.ok, outcome.line()
+    assert sink.connections == 1, "the second poll did not offer the message again"
     assert dovecot.count(mailbox_user) == 1
