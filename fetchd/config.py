@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import ipaddress
 import os
 import re
 import shlex
@@ -178,6 +179,9 @@ class Config:
     accounts: tuple[Account, ...]
     max_connections: int = 50
     warnings: tuple[str, ...] = ()
+    max_connections_per_host: int = 10  # providers cap connections per user or per address
+    startup_window: float = 30.0  # `fetchd run` spreads the first polls over this many seconds
+    http_listen: tuple[str, int] | None = None  # metrics and /healthz; off unless configured
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +381,15 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # The schema
 
-_TOP_KEYS = ("state_file", "max_connections", "defaults", "accounts")
+_TOP_KEYS = (
+    "state_file",
+    "max_connections",
+    "max_connections_per_host",
+    "startup_window",
+    "http",
+    "defaults",
+    "accounts",
+)
 _ACCOUNT_KEYS = (
     "name",
     "protocol",
@@ -507,6 +519,25 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
     top = _Section(ctx, root, "").expect(*_TOP_KEYS)
     state_file = ctx.path(top.text("state_file", _default_state_file(env)))
     max_connections = top.integer("max_connections", 50, 1, 100_000)
+    per_host = top.integer("max_connections_per_host", 10, 1, 100_000)
+    startup_window = top.number("startup_window", 30.0, 0.0, 86400.0)
+    http_listen = None
+    warnings: list[str] = []
+    if top.has("http"):
+        h = top.section("http").expect("listen")
+        listen = h.text("listen")
+        try:
+            http_listen = split_host_port(listen, 9205)
+        except ValueError as e:
+            raise h.error("listen", str(e)) from None
+        if not _is_loopback(http_listen[0]):
+            warnings.append(
+                f"{path}: http.listen {listen} is not a loopback address: anyone who can reach "
+                "it sees account names and counters"
+            )
+        h.done()
+    else:
+        top.used.add("http")
     defaults_node = top.node_of("defaults")
     if defaults_node is not None and defaults_node.tag != _NULL:
         # Checked on its own so a mistake in defaults: is reported where it was written.
@@ -524,7 +555,6 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
     top.done()
 
     accounts: list[Account] = []
-    warnings: list[str] = []
     names: dict[str, Node] = {}
     for i, node in enumerate(accounts_node.value):
         where = f"accounts[{i}]"
@@ -547,7 +577,19 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
         accounts=tuple(accounts),
         max_connections=max_connections,
         warnings=tuple(warnings),
+        max_connections_per_host=per_host,
+        startup_window=startup_window,
+        http_listen=http_listen,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_state_file(env: Mapping[str, str]) -> str:
