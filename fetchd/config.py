@@ -11,10 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import glob
+import io
 import ipaddress
 import os
 import re
 import shlex
+import shutil
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -156,6 +159,8 @@ class Account:
     auth: str = "any"
     oauth2_token_file: str | None = None
     oauth2_token_command: tuple[str, ...] = ()
+    # Run at each login for the password (``password`` is then empty); argv[0] is absolute.
+    password_command: tuple[str, ...] | None = None
     fetch_all: bool = False  # deliver messages again even if the state says they were
     limit: int = 0  # bytes; larger messages are skipped (or deleted with limit_delete)
     limit_delete: bool = False
@@ -179,7 +184,7 @@ class Config:
     accounts: tuple[Account, ...]
     max_connections: int = 50
     warnings: tuple[str, ...] = ()
-    max_connections_per_host: int = 10  # providers cap connections per user or per address
+    max_connections_per_host: int = 0  # 0: no limit; some providers cap connections per address
     startup_window: float = 30.0  # `fetchd run` spreads the first polls over this many seconds
     http_listen: tuple[str, int] | None = None  # metrics and /healthz; off unless configured
 
@@ -195,22 +200,37 @@ _MISSING: Any = object()
 
 
 class _Ctx:
-    def __init__(self, path: str) -> None:
+    """One YAML file. An included file's accounts also hold nodes from the main file's
+    ``defaults:`` (``outer``); those are reported, and their paths resolved, where written."""
+
+    def __init__(self, path: str, outer: _Ctx | None = None) -> None:
         self.file = path
         self.base = Path(path).resolve().parent
+        self.outer = outer
+
+    def owner(self, node: Node | None) -> _Ctx:
+        if node is not None and self.outer is not None and node.start_mark.name == self.outer.file:
+            return self.outer
+        return self
+
+    def at(self, node: Node | None) -> str:
+        """``file:line`` of a node, or just the file."""
+        if node is None:
+            return self.file
+        return f"{self.owner(node).file}:{node.start_mark.line + 1}"
 
     def error(self, node: Node | None, where: str, message: str) -> ConfigError:
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
         prefix = f"{where}: " if where else ""
-        return ConfigError(f"{self.file}{line}: {prefix}{message}")
+        return ConfigError(f"{self.at(node)}: {prefix}{message}")
 
     def value(self, node: Node) -> Any:
         return yaml.SafeLoader("").construct_object(node, deep=True)
 
-    def path(self, raw: str) -> str:
-        """Relative paths in the file are relative to the file, not to the working directory."""
+    def path(self, raw: str, node: Node | None = None) -> str:
+        """Relative paths are relative to the file they are written in, not to the working
+        directory."""
         p = Path(os.path.expanduser(raw))
-        return str(p if p.is_absolute() else self.base / p)
+        return str(p if p.is_absolute() else self.owner(node).base / p)
 
 
 def _mapping_entries(ctx: _Ctx, node: Node, where: str) -> dict[str, tuple[Node, Node]]:
@@ -347,6 +367,11 @@ class _Section:
     def section(self, key: str) -> _Section:
         return _Section(self.ctx, self.node_of(key), _join(self.where, key))
 
+    def path(self, key: str, raw: str) -> str:
+        """The value of ``key`` as a path, relative to the file that holds it."""
+        entry = self.entries.get(key)
+        return self.ctx.path(raw, entry[1] if entry else None)
+
     def done(self) -> None:
         for key in self.entries:
             if key not in self.used:
@@ -389,6 +414,7 @@ _TOP_KEYS = (
     "http",
     "defaults",
     "accounts",
+    "include",
 )
 _ACCOUNT_KEYS = (
     "name",
@@ -399,6 +425,7 @@ _ACCOUNT_KEYS = (
     "password",
     "password_file",
     "password_env",
+    "password_command",
     "tls",
     "folders",
     "keep",
@@ -419,7 +446,8 @@ _ACCOUNT_KEYS = (
     "idle",
 )
 AUTH_METHODS = ("any", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
-_PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
+_PASSWORD_SOURCES = ("password", "password_file", "password_env", "password_command")
+_PASSWORD_KEYS = frozenset(_PASSWORD_SOURCES)
 _TLS_KEYS = (
     "mode",
     "allow_plaintext",
@@ -501,25 +529,16 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
     env: Mapping[str, str] = os.environ if environ is None else environ
     ctx = _Ctx(path)
     try:
-        with open(path, "rb") as f:
-            text = f.read()
-            file_mode = os.fstat(f.fileno()).st_mode
+        root, file_mode = _compose(path)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
     if root is None:
         raise ConfigError(f"{path}: the file is empty; it needs at least 'accounts:'")
 
     top = _Section(ctx, root, "").expect(*_TOP_KEYS)
     state_file = ctx.path(top.text("state_file", _default_state_file(env)))
     max_connections = top.integer("max_connections", 50, 1, 100_000)
-    per_host = top.integer("max_connections_per_host", 10, 1, 100_000)
+    per_host = top.integer("max_connections_per_host", 0, 0, 100_000)
     startup_window = top.number("startup_window", 30.0, 0.0, 86400.0)
     http_listen = None
     warnings: list[str] = []
@@ -541,36 +560,53 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
     defaults_node = top.node_of("defaults")
     if defaults_node is not None and defaults_node.tag != _NULL:
         # Checked on its own so a mistake in defaults: is reported where it was written.
-        for key, (knode, _) in _mapping_entries(ctx, defaults_node, "defaults").items():
+        for key, (knode, vnode) in _mapping_entries(ctx, defaults_node, "defaults").items():
             if key not in _ACCOUNT_KEYS or key == "name":
                 raise ctx.error(knode, f"defaults.{key}", "cannot be set in defaults")
+            if key == "password" and file_mode & stat.S_IROTH:
+                raise ctx.error(vnode, "defaults.password", _READABLE_INLINE)
     else:
         defaults_node = None
 
+    # (file, its mode, its accounts): the main file first, then each included file in order.
+    sources: list[tuple[_Ctx, int, list[Node]]] = []
     accounts_node = top.node_of("accounts")
-    if accounts_node is None or not isinstance(accounts_node, SequenceNode):
-        raise ctx.error(accounts_node or root, "accounts", "must be a list of accounts")
-    if not accounts_node.value:
-        raise ctx.error(accounts_node, "accounts", "lists no account")
+    if top.has("include"):
+        if accounts_node is not None and accounts_node.tag != _NULL:
+            if not isinstance(accounts_node, SequenceNode):
+                raise ctx.error(accounts_node, "accounts", "must be a list of accounts")
+            sources.append((ctx, file_mode, accounts_node.value))
+        sources += _includes(ctx, top, path, warnings)
+        if not any(nodes for _, _, nodes in sources):
+            raise top.error("include", "no account, neither in accounts: nor in included files")
+    else:
+        top.used.add("include")
+        if accounts_node is None or not isinstance(accounts_node, SequenceNode):
+            raise ctx.error(accounts_node or root, "accounts", "must be a list of accounts")
+        if not accounts_node.value:
+            raise ctx.error(accounts_node, "accounts", "lists no account")
+        sources.append((ctx, file_mode, accounts_node.value))
     top.done()
 
     accounts: list[Account] = []
-    names: dict[str, Node] = {}
-    for i, node in enumerate(accounts_node.value):
-        where = f"accounts[{i}]"
-        merged = _merge_defaults(ctx, defaults_node, node, where)
-        account = _account(ctx, _Section(ctx, merged, where).expect(*_ACCOUNT_KEYS), env, warnings)
-        if account.name in names:
-            raise ctx.error(node, where, f"account name {account.name!r} is used twice")
-        names[account.name] = node
-        if "password" in _mapping_entries(ctx, node, where) and file_mode & stat.S_IROTH:
-            raise ctx.error(
-                node,
-                f"{where}.password",
-                "the file holds a password and is readable by everyone: "
-                "chmod o-r it, or use password_file",
-            )
-        accounts.append(account)
+    names: dict[str, str] = {}  # name -> file:line, to name both places of a duplicate
+    for file_ctx, mode, nodes in sources:
+        for i, node in enumerate(nodes):
+            where = f"accounts[{i}]"
+            merged = _merge_defaults(file_ctx, defaults_node, node, where)
+            section = _Section(file_ctx, merged, where).expect(*_ACCOUNT_KEYS)
+            account = _account(file_ctx, section, env, warnings)
+            if account.name in names:
+                raise file_ctx.error(
+                    node,
+                    where,
+                    f"account name {account.name!r} is used twice (also at {names[account.name]})",
+                )
+            names[account.name] = file_ctx.at(node)
+            own = _mapping_entries(file_ctx, node, where)
+            if "password" in own and mode & stat.S_IROTH:
+                raise file_ctx.error(own["password"][1], f"{where}.password", _READABLE_INLINE)
+            accounts.append(account)
     return Config(
         path=path,
         state_file=state_file,
@@ -581,6 +617,109 @@ def _load(path: str, environ: Mapping[str, str] | None) -> Config:
         startup_window=startup_window,
         http_listen=http_listen,
     )
+
+
+_READABLE_INLINE = (
+    "the file holds a password and is readable by everyone: chmod o-r it, or use password_file"
+)
+
+
+def _compose(path: str) -> tuple[Node | None, int]:
+    """The YAML tree of one file, and the file's mode. Each node's marks carry ``path`` as
+    their name, which tells which file a node of a merged account came from."""
+    with open(path, "rb") as f:
+        stream = io.BytesIO(f.read())
+        mode = os.fstat(f.fileno()).st_mode
+    stream.name = path
+    try:
+        return yaml.compose(stream, Loader=yaml.SafeLoader), mode
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
+
+
+def _includes(
+    ctx: _Ctx, top: _Section, path: str, warnings: list[str]
+) -> list[tuple[_Ctx, int, list[Node]]]:
+    """The accounts of the files named by ``include:``, in order: a file, a directory (its
+    ``*.yaml`` and ``*.yml`` files, sorted, hidden ones skipped) or a glob pattern (sorted)."""
+    node = top.node_of("include")
+    assert node is not None
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    patterns = top.text_list("include", ())
+    here = os.path.dirname(path)  # shown paths stay as relative as the main file's path
+    main = os.path.realpath(path)
+    seen: dict[str, str] = {}
+    result: list[tuple[_Ctx, int, list[Node]]] = []
+    for i, (item, raw) in enumerate(zip(items, patterns, strict=True)):
+        where = f"include[{i}]" if isinstance(node, SequenceNode) else "include"
+        pattern = os.path.join(here, os.path.expanduser(raw))
+        if re.search(r"[*?\[]", raw):
+            files = sorted(
+                os.path.join(here, f)
+                for f in glob.glob(os.path.expanduser(raw), root_dir=here or None)
+                if os.path.isfile(os.path.join(here, f))
+            )
+            if not files:
+                warnings.append(f"{ctx.at(item)}: {where}: {raw} matches no file")
+        elif os.path.isdir(pattern):
+            files = [
+                os.path.join(pattern, name)
+                for name in sorted(os.listdir(pattern))
+                if not name.startswith(".")
+                and name.endswith((".yaml", ".yml"))
+                and os.path.isfile(os.path.join(pattern, name))
+            ]
+            if not files:
+                warnings.append(f"{ctx.at(item)}: {where}: {pattern} holds no .yaml or .yml file")
+        elif os.path.exists(pattern):
+            files = [pattern]
+        else:
+            raise ctx.error(item, where, f"no such file or directory: {pattern}")
+        for file in files:
+            real = os.path.realpath(file)
+            if real == main:
+                if files == [pattern]:
+                    raise ctx.error(item, where, "names the main configuration file itself")
+                continue  # e.g. include: "*.yaml" next to the main file
+            if real in seen:
+                raise ctx.error(item, where, f"{file} is included twice (also by {seen[real]})")
+            seen[real] = ctx.at(item)
+            result.append(_included(ctx, item, where, file))
+    return result
+
+
+def _included(ctx: _Ctx, item: Node, where: str, file: str) -> tuple[_Ctx, int, list[Node]]:
+    """One included file: a list of accounts, or a mapping with only ``accounts:``."""
+    try:
+        root, mode = _compose(file)
+    except OSError as e:
+        raise ctx.error(item, where, f"cannot read {file}: {e.strerror}") from None
+    inc = _Ctx(file, outer=ctx)
+    if root is None or root.tag == _NULL:
+        raise ConfigError(f"{file}: the file is empty; it needs a list of accounts")
+    nodes = root
+    if isinstance(root, MappingNode):
+        body = _Section(inc, root, "").expect("accounts")
+        for key in body.entries:
+            if key == "include":
+                raise body.error(
+                    key, f"an included file cannot include others; list them in {ctx.file}"
+                )
+            if key in _TOP_KEYS and key != "accounts":
+                raise body.error(key, f"can only be set in the main file {ctx.file}")
+        found = body.node_of("accounts")
+        body.done()
+        if found is None:
+            raise inc.error(root, "accounts", "is missing")
+        nodes = found
+    if not isinstance(nodes, SequenceNode):
+        raise inc.error(nodes, "accounts", "must be a list of accounts")
+    if not nodes.value:
+        raise inc.error(nodes, "accounts", "lists no account")
+    return inc, mode, nodes.value
 
 
 def _is_loopback(host: str) -> bool:
@@ -624,11 +763,12 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         )
 
     oauth = s.has("auth") and s.text("auth") in ("xoauth2", "oauthbearer")
-    password = Secret("") if oauth and not (_PASSWORD_KEYS & s.entries.keys()) else None
-    if password is None:
-        password = _password(ctx, s, env)
-    else:
+    password_command: tuple[str, ...] | None = None
+    if oauth and not (_PASSWORD_KEYS & s.entries.keys()):
+        password = Secret("")
         s.used.update(_PASSWORD_KEYS)
+    else:
+        password, password_command = _password(s, env)
     folders = s.text_list("folders", ("INBOX",))
     if protocol == "pop3" and s.has("folders"):
         raise s.error("folders", "POP3 has no folders; remove this key or use protocol: imap")
@@ -643,7 +783,7 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
     o = s.section("oauth2").expect("token_file", "token_command")
     if o.entries:
         if o.has("token_file"):
-            token_file = ctx.path(o.text("token_file"))
+            token_file = o.path("token_file", o.text("token_file"))
         if o.has("token_command"):
             token_command = o.text_list("token_command", ())
             if not os.path.isabs(token_command[0]):
@@ -697,6 +837,7 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         auth=auth,
         oauth2_token_file=token_file,
         oauth2_token_command=token_command,
+        password_command=password_command,
         fetch_all=fetch_all,
         limit=limit,
         limit_delete=limit_delete,
@@ -865,7 +1006,7 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
         raise t.error("max_version", f"{high} is older than min_version {low}")
     if low in ("TLSv1", "TLSv1.1"):
         warnings.append(
-            f"{ctx.file}:{t.node.start_mark.line + 1 if t.node else 0}: {t.where}: allows "
+            f"{ctx.at(t.node)}: {t.where}: allows "
             f"{low}, which is obsolete and weak; use it only for a server that cannot do better"
         )
 
@@ -873,7 +1014,7 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
         value = t.text(key, None)
         if value is None:
             return None
-        path = ctx.path(value)
+        path = t.path(key, value)
         ok = os.path.isdir(path) if kind == "directory" else os.path.isfile(path)
         if not ok:
             raise t.error(key, f"no such {kind}: {path}")
@@ -902,11 +1043,13 @@ def _tls(ctx: _Ctx, t: _Section, default_mode: str, warnings: list[str]) -> TLSS
             key_password = Secret(f.read().decode("utf-8", "replace").rstrip("\r\n"))
     fingerprints = tuple(_pin(t, i, raw) for i, raw in enumerate(t.text_list("fingerprints", ())))
     if not verify and (crl_file or crl_check != "none"):
-        warnings.append(f"{ctx.file}: {t.where}: verify is off, so CRLs are not checked either")
+        warnings.append(
+            f"{ctx.owner(t.node).file}: {t.where}: verify is off, so CRLs are not checked either"
+        )
     if not verify and not fingerprints:
         warnings.append(
-            f"{ctx.file}: {t.where}: verify is off and no fingerprint is pinned: anyone in "
-            "the middle can read the password"
+            f"{ctx.owner(t.node).file}: {t.where}: verify is off and no fingerprint is pinned: "
+            "anyone in the middle can read the password"
         )
     server_name = t.text("server_name", None)
     t.done()
@@ -974,25 +1117,29 @@ def _pin(t: _Section, index: int, raw: str) -> str:
     return f"{_HEX_DIGEST[len(digits)]}:{digits}"
 
 
-def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
-    given = [k for k in ("password", "password_file", "password_env") if s.has(k)]
-    for k in ("password", "password_file", "password_env"):
-        s.used.add(k)
+def _password(s: _Section, env: Mapping[str, str]) -> tuple[Secret, tuple[str, ...] | None]:
+    """The password, or an empty one and the password_command that prints it at each login."""
+    given = [k for k in _PASSWORD_SOURCES if s.has(k)]
+    s.used.update(_PASSWORD_SOURCES)
     if not given:
-        raise ctx.error(s.node, s.where, "needs password_file, password_env or password")
+        raise s.ctx.error(
+            s.node, s.where, "needs password_file, password_env, password_command or password"
+        )
     if len(given) > 1:
         raise s.error(given[1], f"give only one of {', '.join(given)}")
     key = given[0]
+    if key == "password_command":
+        return Secret(""), _password_command(s, key, env)
     value = s.text(key)
     if key == "password":
-        return Secret(value)
+        return Secret(value), None
     if key == "password_env":
         if value not in env:
             raise s.error(key, f"environment variable {value} is not set")
         if not env[value] or re.search(r"[\x00\r\n]", env[value]):
             raise s.error(key, f"environment variable {value} is empty or holds a line break")
-        return Secret(env[value])
-    path = ctx.path(value)
+        return Secret(env[value]), None
+    path = s.path(key, value)
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
@@ -1009,7 +1156,37 @@ def _password(ctx: _Ctx, s: _Section, env: Mapping[str, str]) -> Secret:
         raise s.error(key, f"{path} is empty")
     if re.search(r"[\x00\r\n]", secret):
         raise s.error(key, f"{path} holds more than one line, or a NUL byte")
-    return Secret(secret)
+    return Secret(secret), None
+
+
+def _password_command(s: _Section, key: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The argv of a password helper (a list, or a text split like a shell would, but without
+    one). The program is looked up now, so a typo fails at load time rather than at each poll,
+    and its absolute path is kept so the daemon's PATH cannot change what runs."""
+    node = s.node_of(key)
+    assert node is not None
+    if isinstance(s.ctx.value(node), str):
+        try:
+            argv = tuple(shlex.split(s.text(key)))
+        except ValueError as e:
+            raise s.error(key, f"cannot split into arguments: {e}") from None
+    else:
+        argv = s.text_list(key, ())
+    if not argv or not argv[0]:
+        raise s.error(key, "must start with a program")
+    program = argv[0]
+    if os.path.isabs(program):
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise s.error(key, f"{program} is not an executable file")
+        return argv
+    if os.sep in program:
+        raise s.error(
+            key, f"{program}: give an absolute path or a program on PATH (no shell is used)"
+        )
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise s.error(key, f"program {program!r} is not found on PATH")
+    return (os.path.abspath(found), *argv[1:])
 
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:

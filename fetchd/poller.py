@@ -8,10 +8,13 @@ not accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -114,7 +117,11 @@ class Poller:
                     f"{self.where}: cannot read the OAuth2 token file {a.oauth2_token_file}: {e}"
                 ) from None
         elif a.oauth2_token_command:
-            token = await _run_token_command(a.oauth2_token_command, a.timeout, self.where)
+            argv = a.oauth2_token_command
+            out = await _run_helper(argv, a.timeout, self.where, argv[0], "token", TemporaryError)
+            token = out.decode("utf-8", "replace").strip()
+        elif a.password_command:
+            return await _command_password(a.password_command, a.timeout, self.where)
         else:
             return a.password.reveal()
         if not token or any(c in token for c in "\r\n\0"):
@@ -300,10 +307,17 @@ class Poller:
         log.warning("%s; kept on the server and not fetched again", text)
         return False
 
-    async def watch(self, folder: str, stop: asyncio.Event, refresh: float = IDLE_REFRESH) -> None:
+    async def watch(
+        self,
+        folder: str,
+        stop: asyncio.Event,
+        refresh: float = IDLE_REFRESH,
+        report: Callable[[PollResult | None], Awaitable[None]] | None = None,
+    ) -> None:
         """IMAP IDLE on one folder: fetch what is there, wait for news, fetch again, until
         ``stop``. IDLE is renewed every ``refresh`` seconds (servers drop it after 30 minutes).
-        Errors are raised: the caller reconnects, with back-off."""
+        Errors are raised: the caller reconnects, with back-off. ``report`` gets each round's
+        result once logged in, and None when the connection ends."""
         a = self.account
         client = await self._connect(IMAPClient)
         try:
@@ -316,10 +330,14 @@ class Poller:
                     await self.delivery.close()
                 if self.result.fetched or self.result.problems:
                     log.info("%s: %s: %s", a.name, folder, self.result.summary())
+                if report is not None:
+                    await report(self.result)
                 await client.idle_until_change(refresh, stop)
             await client.logout()
         finally:
             client.close()
+            if report is not None:
+                await report(None)
 
     # -- POP3 ---------------------------------------------------------------------------------
 
@@ -590,24 +608,62 @@ def _first_line(path: str) -> str:
         return f.readline().strip()
 
 
-async def _run_token_command(argv: tuple[str, ...], deadline: float, where: str) -> str:
-    """The first line a token helper prints; no shell, bounded in time."""
+async def _command_password(argv: tuple[str, ...], deadline: float, where: str) -> str:
+    """Run password_command at each login, so a rotated password is picked up without a reload.
+
+    Failures name the program only: its arguments and output may reveal the secret.
+    """
+    label = f"password_command {argv[0]}"
+    out = await _run_helper(argv, deadline, where, label, "password", PermanentError)
+    try:
+        secret = out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PermanentError(f"{where}: {label} printed a password that is not UTF-8") from None
+    if not secret:
+        raise PermanentError(f"{where}: {label} printed no password (empty first line)")
+    if any(c in secret for c in "\r\n\0"):
+        raise PermanentError(f"{where}: {label} printed a password holding a CR or NUL")
+    return secret
+
+
+async def _run_helper(
+    argv: tuple[str, ...],
+    deadline: float,
+    where: str,
+    label: str,
+    what: str,
+    failed: type[FetchdError],
+) -> bytes:
+    """The first line a secret helper prints, without its line ending; no shell, no stdin.
+
+    It runs in its own process group so that an overrun kills whatever it started too.
+    Errors show its stderr's last line, never stdout: that is the secret.
+    """
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            process_group=0,
         )
     except OSError as e:
-        raise PermanentError(f"{where}: cannot run {argv[0]}: {e.strerror or e}") from None
+        raise PermanentError(f"{where}: cannot run {label}: {e.strerror or e}") from None
     try:
         async with asyncio.timeout(deadline):
             out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
+    except BaseException as e:  # timed out, or the poll was cancelled: the helper goes too
+        _kill_group(proc.pid)
         await proc.wait()
-        raise TemporaryError(f"{where}: {argv[0]} gave no token within {deadline:g} s") from None
+        if isinstance(e, TimeoutError):
+            raise TemporaryError(f"{where}: {label} gave no {what} within {deadline:g} s") from None
+        raise
     if proc.returncode != 0:
         detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        raise TemporaryError(
-            f"{where}: {argv[0]} exited with status {proc.returncode}: {detail[0][:200]}"
-        )
-    return out.decode("utf-8", "replace").split("\n", 1)[0].strip()
+        raise failed(f"{where}: {label} exited with status {proc.returncode}: {detail[0][:200]}")
+    return out.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import textwrap
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from fetchd.config import Secret, load
-from fetchd.errors import ConfigError
+from fetchd.config import Account, Secret, load
+from fetchd.errors import ConfigError, PermanentError, TemporaryError
+from fetchd.poller import Poller
+from fetchd.state import State
 
 REPO = Path(__file__).parent.parent
 
@@ -179,6 +184,14 @@ def test_password_sources(tmp_path: Path) -> None:
         load(write(tmp_path, text, mode=0o644))
 
 
+def test_a_password_in_defaults_also_needs_a_file_others_cannot_read(tmp_path: Path) -> None:
+    text = BASE.replace("defaults:\n", "defaults:\n  password: inline\n")
+    text = text.replace("    password_env: ALICE_PW\n", "")
+    assert load(write(tmp_path, text, mode=0o640)).accounts[0].password.reveal() == "inline"
+    with pytest.raises(ConfigError, match=r":2: defaults.password: the file holds a password"):
+        load(write(tmp_path, text, mode=0o644))
+
+
 def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
     text = BASE.replace("password_env: ALICE_PW", "password: hunter2")
     config = load(write(tmp_path, text))
@@ -272,3 +285,308 @@ def test_bad_fingerprints_are_errors(tmp_path: Path, pin: str) -> None:
 def test_verify_off_without_pin_warns(tmp_path: Path) -> None:
     config = tls_of(tmp_path, "{verify: false}")
     assert any("verify is off and no fingerprint" in w for w in config.warnings)  # type: ignore[attr-defined]
+
+
+# -- password_command --------------------------------------------------------------------------
+
+
+def script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+async def state(tmp_path: Path) -> AsyncIterator[State]:
+    opened = await State.open(str(tmp_path / "state.sqlite3"))
+    yield opened
+    await opened.close()
+
+
+def with_command(tmp_path: Path, command: str, extra: str = "", **env: str) -> Account:
+    text = BASE.replace("password_env: ALICE_PW", f"password_command: {command}") + extra
+    return load(write(tmp_path, text), environ=env).accounts[0]
+
+
+def test_password_command_as_list_and_as_text(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    helper = script(tmp_path / "bin" / "get-pw", "echo s3cret\n")
+    account = with_command(tmp_path, f"['{helper}', --account, 'alice smith']")
+    assert account.password_command == (str(helper), "--account", "alice smith")
+    assert account.password == Secret("")
+    # A text is split like a shell would, but none runs; a bare name is looked up on PATH now.
+    account = with_command(tmp_path, "\"get-pw --account 'alice smith'\"", PATH=str(helper.parent))
+    assert account.password_command == (str(helper), "--account", "alice smith")
+    assert account != with_command(tmp_path, f"['{helper}']"), "a changed command is a change"
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("no-such-helper", r"password_command: program 'no-such-helper' is not found on PATH"),
+        ("bin/get-pw", r"password_command: bin/get-pw: give an absolute path or a program on"),
+        ("/nonexistent/get-pw", r"password_command: /nonexistent/get-pw is not an executable"),
+        ('"get-pw \'unclosed"', r"password_command: cannot split into arguments"),
+        ("[]", r"password_command: must not be an empty list"),
+    ],
+)
+def test_password_command_must_name_a_program_that_exists(
+    tmp_path: Path, command: str, message: str
+) -> None:
+    (tmp_path / "bin").mkdir()
+    script(tmp_path / "bin" / "get-pw", "echo s3cret\n")
+    with pytest.raises(ConfigError, match=r"fetchd\.yaml:10: accounts\[0\]\." + message):
+        with_command(tmp_path, command, PATH=str(tmp_path / "bin"))
+
+
+def test_password_command_in_defaults_is_replaced_by_an_accounts_own_source(
+    tmp_path: Path,
+) -> None:
+    helper = script(tmp_path / "get-pw", "echo s3cret\n")
+    (tmp_path / "alice.pw").write_text("from-file\n")
+    os.chmod(tmp_path / "alice.pw", 0o600)
+    text = BASE.replace("defaults:\n", f"defaults:\n  password_command: ['{helper}']\n")
+    text = text.replace("password_env: ALICE_PW", "password_file: alice.pw")
+    text += "  - {name: bob, protocol: pop3, host: pop.example.net, user: bob}\n"
+    alice, bob = load(write(tmp_path, text), environ={}).accounts
+    assert (alice.password_command, alice.password) == (None, Secret("from-file"))
+    assert (bob.password_command, bob.password) == ((str(helper),), Secret(""))
+
+
+async def test_password_command_runs_at_each_login(tmp_path: Path, state: State) -> None:
+    helper = script(
+        tmp_path / "rotate",
+        """\
+        n=$(($(cat "$0.count" 2>/dev/null || echo 0) + 1))
+        echo "$n" > "$0.count"
+        printf ' secret %s\r\nsecond line\n' "$n"
+        """,
+    )
+    poller = Poller(with_command(tmp_path, f"['{helper}']"), state)
+    assert await poller._secret() == " secret 1"
+    assert await poller._secret() == " secret 2", "run again, so a rotated password is used"
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        (
+            "echo hunter2\necho 'first line' >&2\necho 'vault is locked' >&2\nexit 3\n",
+            PermanentError,
+            r"password_command \S+/helper exited with status 3: vault is locked$",
+        ),
+        ("echo\necho hunter2\n", PermanentError, r"helper printed no password"),
+        ("printf 'hun\\rter2\\n'\n", PermanentError, r"helper printed a password holding a CR"),
+        ("printf 'hun\\000ter2\\n'\n", PermanentError, r"helper printed a password holding a"),
+        ("printf 'hunter2\\377\\n'\n", PermanentError, r"helper printed a password that is not"),
+        ("echo hunter2\nexec sleep 30\n", TemporaryError, r"helper gave no password within 1 s"),
+    ],
+)
+async def test_password_command_failures_name_the_account_but_never_the_secret(
+    tmp_path: Path, state: State, body: str, error: type[Exception], message: str
+) -> None:
+    helper = script(tmp_path / "helper", body)
+    account = with_command(tmp_path, f"['{helper}', hunter2-is-an-argument]", "    timeout: 1\n")
+    with pytest.raises(error, match=message) as caught:
+        await Poller(account, state)._secret()
+    text = str(caught.value)
+    assert text.startswith("account alice (alice at imap.example.net:993): password_command ")
+    assert "hunter2" not in text and "hunter2" not in repr(caught.value)
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead, only not yet reaped
+
+
+async def test_password_command_that_overruns_is_killed_with_its_children(
+    tmp_path: Path, state: State
+) -> None:
+    helper = script(tmp_path / "helper", 'sleep 30 &\necho $! > "$0.child"\nwait\n')
+    account = with_command(tmp_path, f"['{helper}']", "    timeout: 1\n")
+    started = time.monotonic()
+    with pytest.raises(TemporaryError, match="gave no password within 1 s"):
+        await Poller(account, state)._secret()
+    assert time.monotonic() - started < 10, "the child holding stdout was killed as well"
+    child = int((tmp_path / "helper.child").read_text())
+    for _ in range(50):
+        if not alive(child):
+            break
+        await asyncio.sleep(0.02)
+    assert not alive(child)
+
+
+# -- include: -----------------------------------------------------------------------------------
+
+
+MAIN = """\
+defaults:
+  password_file: main.pw
+  deliver:
+    smtp: "127.0.0.1:2525"
+    to: [postmaster@localhost]
+include: accounts.d
+accounts:
+  - {name: main, protocol: imap, host: imap.example.net, user: main}
+"""
+
+
+def account_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    os.chmod(path, mode)
+    return path
+
+
+def secret_file(path: Path, value: str) -> None:
+    path.write_text(value + "\n")
+    os.chmod(path, 0o600)
+
+
+def test_include_a_directory(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    (tmp_path / "accounts.d").mkdir()
+    secret_file(tmp_path / "accounts.d" / "b.pw", "b-secret")
+    account_file(
+        tmp_path / "accounts.d" / "b.yaml",
+        """\
+        - {name: b, protocol: pop3, host: pop.example.net, user: b, password_file: b.pw}
+        """,
+    )
+    account_file(
+        tmp_path / "accounts.d" / "a.yml",
+        """\
+        accounts:
+          - {name: a1, protocol: imap, host: imap.example.net, user: a1}
+          - {name: a2, protocol: imap, host: imap.example.net, user: a2, keep: true}
+        """,
+    )
+    account_file(tmp_path / "accounts.d" / "notes.txt", "not yaml: [\n")
+    account_file(tmp_path / "accounts.d" / ".editing.yaml", "not yaml: [\n")
+    config = load(write(tmp_path, MAIN), environ={})
+    assert [a.name for a in config.accounts] == ["main", "a1", "a2", "b"]
+    _, a1, a2, b = config.accounts
+    # defaults: apply, and a path is relative to the file that names it.
+    assert a1.deliver.to == ("postmaster@localhost",) and a2.keep
+    assert a1.password == Secret("main-secret")
+    assert b.password == Secret("b-secret")
+    assert config.warnings == ()
+
+
+def test_include_a_glob_and_only_included_accounts(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    for name in ("c", "a", "b"):
+        account_file(
+            tmp_path / "hosts" / f"{name}.yaml",
+            f"- {{name: {name}, protocol: imap, host: imap.example.net, user: {name}}}\n",
+        )
+    account_file(tmp_path / "hosts" / "skip.yml", "- {name: skip}\n")
+    text = MAIN.replace("include: accounts.d", "include: ['hosts/*.yaml']")
+    text = text.split("accounts:\n")[0]
+    config = load(write(tmp_path, text), environ={})
+    assert [a.name for a in config.accounts] == ["a", "b", "c"]
+
+
+def test_errors_in_included_files_name_that_file_and_line(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    account_file(
+        tmp_path / "accounts.d" / "x.yaml",
+        """\
+        accounts:
+          - name: x
+            protocol: imap
+            host: imap.example.net
+            user: x
+            port: 70000
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"accounts\.d/x\.yaml:6: accounts\[0\]\.port: must be"):
+        load(write(tmp_path, MAIN), environ={})
+    # A mistake in the main file's defaults: is still reported where it was written.
+    (tmp_path / "accounts.d" / "x.yaml").write_text(
+        "- {name: x, protocol: imap, host: imap.example.net, user: x}\n"
+    )
+    text = MAIN.replace("  password_file: main.pw\n", "  password_file: missing.pw\n")
+    with pytest.raises(ConfigError, match=r"/fetchd\.yaml:2: accounts\[0\]\.password_file: cannot"):
+        load(write(tmp_path, text.split("accounts:\n")[0]), environ={})
+
+
+def test_account_names_are_unique_across_files(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    account_file(
+        tmp_path / "accounts.d" / "x.yaml",
+        """\
+        - {name: other, protocol: imap, host: imap.example.net, user: other}
+        - {name: main, protocol: imap, host: imap.example.net, user: again}
+        """,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"x\.yaml:2: accounts\[1\]: account name 'main' is used twice "
+        r"\(also at \S*fetchd\.yaml:8\)",
+    ):
+        load(write(tmp_path, MAIN), environ={})
+
+
+def test_included_file_with_a_password_must_not_be_readable_by_everyone(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    inline = "- {name: x, protocol: imap, host: imap.example.net, user: x, password: hunter2}\n"
+    included = account_file(tmp_path / "accounts.d" / "x.yaml", inline, mode=0o644)
+    with pytest.raises(
+        ConfigError, match=r"x\.yaml:1: accounts\[0\]\.password: the file holds a password"
+    ):
+        load(write(tmp_path, MAIN), environ={})
+    os.chmod(included, 0o640)
+    assert load(write(tmp_path, MAIN), environ={}).accounts[1].password == Secret("hunter2")
+
+
+@pytest.mark.parametrize(
+    ("include", "message"),
+    [
+        ("nowhere", r"fetchd\.yaml:6: include: no such file or directory: \S*nowhere"),
+        ("[empty.d]", r"fetchd\.yaml:6: include: no account, neither in accounts: nor"),
+        ("fetchd.yaml", r"fetchd\.yaml:6: include: names the main configuration file itself"),
+        ("nested.yaml", r"nested\.yaml:1: include: an included file cannot include"),
+        ("defaults.yaml", r"defaults\.yaml:1: defaults: can only be set in the main file"),
+        ("empty.yaml", r"empty\.yaml: the file is empty; it needs a list of accounts"),
+    ],
+)
+def test_include_errors(tmp_path: Path, include: str, message: str) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    (tmp_path / "empty.d").mkdir()
+    account_file(tmp_path / "nested.yaml", "include: other.yaml\naccounts: []\n")
+    account_file(tmp_path / "defaults.yaml", "defaults: {keep: true}\naccounts: []\n")
+    account_file(tmp_path / "empty.yaml", "# all accounts moved away\n")
+    text = MAIN.replace("include: accounts.d", f"include: {include}").split("accounts:\n")[0]
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, text), environ={})
+
+
+def test_an_empty_included_directory_is_a_warning(tmp_path: Path) -> None:
+    secret_file(tmp_path / "main.pw", "main-secret")
+    (tmp_path / "accounts.d").mkdir()
+    config = load(write(tmp_path, MAIN), environ={})
+    assert [a.name for a in config.accounts] == ["main"]
+    assert len(config.warnings) == 1
+    assert "fetchd.yaml:6: include: " in config.warnings[0]
+    assert "holds no .yaml or .yml file" in config.warnings[0]
+
+
+async def test_password_command_is_killed_when_the_login_is_cancelled(
+    tmp_path: Path, state: State
+) -> None:
+    helper = script(tmp_path / "helper", 'echo $$ > "$0.pid"\nexec sleep 30\n')
+    account = with_command(tmp_path, f"['{helper}']", "    timeout: 60\n")
+    login = asyncio.create_task(Poller(account, state)._secret())
+    pid_file = tmp_path / "helper.pid"
+    for _ in range(500):
+        if pid_file.exists() and pid_file.read_text().endswith("\n"):
+            break
+        await asyncio.sleep(0.01)
+    login.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await login
+    assert not alive(int(pid_file.read_text()))
