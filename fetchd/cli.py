@@ -1,4 +1,4 @@
-"""The command line: ``fetchd once``, ``fetchd run`` and ``fetchd check``.
+"""The command line: ``fetchd once``, ``run``, ``check``, ``status``, ``health`` and ``probe``.
 
 Exit status: 0 when everything worked, 1 when an account failed (one line per account says
 why), 2 when the configuration is invalid.
@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from fetchd import __version__
 from fetchd.config import Config, load
-from fetchd.errors import ConfigError, FetchdError
+from fetchd.daemon import Daemon
+from fetchd.errors import ConfigError, FetchdError, StateBusy
+from fetchd.logs import FORMATS, setup_logging
 from fetchd.state import State
 from fetchd.supervisor import Supervisor
 from fetchd.tls import context_for
@@ -26,7 +27,8 @@ EXIT_OK, EXIT_ACCOUNT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    setup_logging(level, args.log_format)
     if args.command == "probe":
         return _probe(args)
     try:
@@ -43,13 +45,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"{config.path}: ok, {len(config.accounts)} account(s)")
         return EXIT_OK
+    if args.command in ("status", "health"):
+        from fetchd.status import health, status
+
+        return (status if args.command == "status" else health)(config)
     try:
         if args.command == "once":
             return asyncio.run(_once(config))
-        return asyncio.run(_run(config))
+        asyncio.run(Daemon(config, _load).run())
+        return EXIT_OK
     except ConfigError as e:
         print(f"fetchd: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except StateBusy as e:
+        print(f"fetchd: {e}", file=sys.stderr)
+        return EXIT_ACCOUNT_FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -68,10 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     common.add_argument("-q", "--quiet", action="store_true", help="log only problems")
+    common.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=os.environ.get("FETCHD_LOG_FORMAT", "auto"),
+        help="auto (default: journald-aware text), text, or json (one object per line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("once", parents=[common], help="poll every account once, then exit")
     sub.add_parser("run", parents=[common], help="poll every account at its interval")
     sub.add_parser("check", parents=[common], help="validate the configuration and exit")
+    sub.add_parser(
+        "status", parents=[common], help="show each account's last poll, errors and kept mail"
+    )
+    sub.add_parser(
+        "health", parents=[common], help="exit 0 if the daemon for this configuration is alive"
+    )
     p = sub.add_parser(
         "probe",
         help="show a server's certificate, fingerprints and TLS verdict",
@@ -85,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=20.0, help="seconds (default 20)")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=FORMATS, default="auto", help=argparse.SUPPRESS)
     return parser
 
 
@@ -114,15 +137,6 @@ def _probe(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_ACCOUNT_FAILED
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
-    for noisy in ("aioimaplib", "aioimaplib.aioimaplib", "aiosmtplib", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _load(path: str) -> Config:
     config = load(path)
     for warning in config.warnings:
@@ -133,7 +147,7 @@ def _load(path: str) -> Config:
 
 
 async def _once(config: Config) -> int:
-    state = await State.open(config.state_file)
+    state = await State.open(config.state_file, lock=True)
     try:
         outcomes = await Supervisor(config, state, log_outcomes=False).run_once()
     finally:
@@ -141,22 +155,3 @@ async def _once(config: Config) -> int:
     for outcome in outcomes:
         print(outcome.line())
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_ACCOUNT_FAILED
-
-
-async def _run(config: Config) -> int:
-    state = await State.open(config.state_file)
-    supervisor = Supervisor(config, state)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, supervisor.stop.set)
-    logging.getLogger("fetchd").info(
-        "fetchd %s running with %d account(s)", __version__, len(config.accounts)
-    )
-    try:
-        await supervisor.run()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await state.close()
-    logging.getLogger("fetchd").info("fetchd stopped")
-    return EXIT_OK

@@ -8,6 +8,7 @@
     │   │   └── DeliveryUncertain  it went silent after the message was sent: maybe delivered
     │   └── MessageUnavailable  the server would not give this one message: skip it
     ├── PermanentError   park the account until a human acts (auth, certificate, no TLS)
+    │   └── StateBusy     another fetchd works with this state file: refuse to start
     └── MessageRejected  the MTA refused one message for good (5xx): policy decides
 
 Foreign exceptions (OSError, ssl.SSLError, library errors) are translated once, at the edge of
@@ -68,3 +69,7 @@ class MessageRejected(FetchdError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+class StateBusy(PermanentError):
+    """Another fetchd process holds the lock of this state file."""

@@ -12,14 +12,17 @@ never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import TypeVar
+from urllib.parse import quote
 
-from fetchd.errors import ConfigError
+from fetchd.errors import ConfigError, StateBusy
 
 T = TypeVar("T")
 SCHEMA_VERSION = 5
@@ -108,17 +111,25 @@ class State:
         self.path = path
         self._db = db
         self._executor = executor
+        self._lock: int | None = None
 
     @classmethod
-    async def open(cls, path: str) -> State:
+    async def open(cls, path: str, *, lock: bool = False) -> State:
+        """Open (creating it if needed). With ``lock``, hold ``PATH.lock`` until closed, so a
+        second fetchd on the same state file refuses to start (StateBusy)."""
+        fd = _lock(path) if lock else None
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetchd-state")
         loop = asyncio.get_running_loop()
         try:
             db = await loop.run_in_executor(executor, _connect, path)
         except BaseException:
             executor.shutdown(wait=False)
+            if fd is not None:
+                os.close(fd)
             raise
-        return cls(path, db, executor)
+        state = cls(path, db, executor)
+        state._lock = fd
+        return state
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
@@ -126,6 +137,59 @@ class State:
     async def close(self) -> None:
         await self._run(lambda db: db.close())
         self._executor.shutdown(wait=True)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
+
+    async def record_poll(
+        self, account: str, seconds: float, ok: bool, summary: str, error: str | None
+    ) -> None:
+        """The latest poll of an account, for `fetchd status`."""
+        now = time.time()
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT INTO polls VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(account) DO UPDATE "
+                    "SET started=excluded.started, seconds=excluded.seconds, ok=excluded.ok, "
+                    "summary=excluded.summary, error=excluded.error, "
+                    "last_ok=coalesce(excluded.last_ok, polls.last_ok)",
+                    (account, now - seconds, seconds, ok, summary, error, now if ok else None),
+                )
+
+        await self._run(q)
+
+    async def daemon_alive(
+        self, config: str, accounts: int, reload_error: str | None, *, started: bool = False
+    ) -> None:
+        """The daemon's heartbeat: `fetchd health` and `fetchd status` read it."""
+        now, pid = time.time(), os.getpid()
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                if started:
+                    db.execute("DELETE FROM daemon")
+                    db.execute(
+                        "INSERT INTO daemon VALUES (1, ?, ?, ?, ?, ?, ?)",
+                        (pid, now, now, config, accounts, reload_error),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE daemon SET heartbeat=?, config=?, accounts=?, reload_error=? "
+                        "WHERE id=1 AND pid=?",
+                        (now, config, accounts, reload_error, pid),
+                    )
+
+        await self._run(q)
+
+    async def daemon_stopped(self) -> None:
+        pid = os.getpid()
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM daemon WHERE pid=?", (pid,))
+
+        await self._run(q)
 
     async def seen(self, account: str, folder: str, uidvalidity: int) -> set[str]:
         def q(db: sqlite3.Connection) -> set[str]:
@@ -373,3 +437,104 @@ def _connect(path: str) -> sqlite3.Connection:
     except OSError as e:
         raise ConfigError(f"cannot create state directory {directory}: {e.strerror}") from None
     return db
+
+
+def _lock(path: str) -> int:
+    """Take ``PATH.lock`` (flock, released when the process dies) and write our pid in it."""
+    lock_path = path + ".lock"
+    directory = os.path.dirname(lock_path)
+    try:
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot create the lock file {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateBusy(
+            f"another fetchd (pid {holder}) is using the state file {path}; "
+            "two must never work the same accounts"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    account: str
+    started: float | None = None
+    seconds: float | None = None
+    ok: bool | None = None
+    summary: str = ""
+    error: str | None = None
+    last_ok: float | None = None
+    refused: int = 0  # kept on the server after a permanent refusal
+    held: int = 0  # kept after the MTA went silent (after_timeout: dedupe)
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatus:
+    pid: int
+    started: float
+    heartbeat: float
+    config: str
+    accounts: int
+    reload_error: str | None
+
+
+def snapshot(path: str) -> tuple[DaemonStatus | None, dict[str, AccountStatus]]:
+    """Read the state for `fetchd status` and `fetchd health`, without writing to it.
+
+    Opened read-only so an admin running this as root never leaves root-owned files next to
+    the daemon's database.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"no state file at {path}: fetchd has not run with this configuration")
+    try:
+        db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+        try:
+            return _snapshot(db)
+        finally:
+            db.close()
+    except sqlite3.Error:
+        pass
+    try:  # no -shm file we may use (a stopped daemon, another user): read the file as it is
+        db = sqlite3.connect(f"file:{quote(path)}?immutable=1", uri=True)
+        try:
+            return _snapshot(db)
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise ConfigError(f"cannot read the state file {path}: {e}") from None
+
+
+def _snapshot(db: sqlite3.Connection) -> tuple[DaemonStatus | None, dict[str, AccountStatus]]:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version < 5:
+        return None, {}
+    row = db.execute(
+        "SELECT pid, started, heartbeat, config, accounts, reload_error FROM daemon"
+    ).fetchone()
+    daemon = DaemonStatus(*row) if row else None
+    accounts: dict[str, AccountStatus] = {}
+    for r in db.execute("SELECT account, started, seconds, ok, summary, error, last_ok FROM polls"):
+        accounts[r[0]] = AccountStatus(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
+    kept: dict[str, list[tuple[int, str]]] = {}
+    for name, code, reason in db.execute(
+        "SELECT account, code, reason FROM rejected ORDER BY rejected_at"
+    ):
+        kept.setdefault(name, []).append((code, reason))
+    for name, items in kept.items():
+        base = accounts.get(name, AccountStatus(name))
+        accounts[name] = replace(
+            base,
+            refused=sum(1 for code, _ in items if code),
+            held=sum(1 for code, _ in items if not code),
+            reasons=tuple(reason for _, reason in items),
+        )
+    return daemon, accounts

@@ -3,6 +3,10 @@
 An account task never lets an exception escape: it is classified, logged once with the account
 named, and decides when the account is polled next (its interval, a back-off after temporary
 errors, a long pause after permanent ones). Cancellation always propagates.
+
+A reload (:meth:`Supervisor.apply`) compares the new accounts with the running ones by value:
+new ones start, removed ones finish the message in hand and stop, changed ones do both, and
+unchanged ones are not touched, so their IDLE connections stay up.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 
+from fetchd import __version__
 from fetchd.config import Account, Config
-from fetchd.errors import ConfigError, FetchdError, NoIdle, PermanentError
+from fetchd.errors import ConfigError, FetchdError, NoIdle, PermanentError, TemporaryError
+from fetchd.metrics import Metrics
 from fetchd.poller import Poller, PollResult
 from fetchd.state import State
 
@@ -31,6 +39,7 @@ class Outcome:
     account: Account
     result: PollResult | None
     error: BaseException | None
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -54,6 +63,17 @@ def describe(account: Account, error: BaseException) -> str:
     return f"{text} [{account.user} at {account.host}:{account.port}]"
 
 
+def error_kind(error: BaseException) -> str:
+    """What the daemon does about an error: the ``kind`` label of the error metric."""
+    if isinstance(error, TemporaryError):
+        return "temporary"
+    if isinstance(error, PermanentError):
+        return "permanent"
+    if isinstance(error, ConfigError):
+        return "config"
+    return "internal"
+
+
 def next_delay(interval: float, failures: int, permanent: bool, rand: float) -> float:
     """Seconds until the next poll. ``rand`` in [0, 1) spreads accounts apart (±10 %)."""
     if permanent:
@@ -65,7 +85,47 @@ def next_delay(interval: float, failures: int, permanent: bool, rand: float) -> 
     return base * (0.9 + 0.2 * rand)
 
 
+Wait = Callable[[float, Sequence[asyncio.Event]], Awaitable[None]]
+
+
+async def wait_any(delay: float, events: Sequence[asyncio.Event]) -> None:
+    """Sleep ``delay`` seconds, or less if one of ``events`` is set meanwhile."""
+    if delay <= 0 or any(e.is_set() for e in events):
+        return
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+@dataclass(eq=False, slots=True)
+class _Running:
+    """The task(s) of one account: one poll loop, or one IDLE loop per folder."""
+
+    account: Account
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Changes:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{len(self.added)} added", f"{len(self.removed)} removed"]
+        parts += [f"{len(self.changed)} changed", f"{self.unchanged} unchanged"]
+        return ", ".join(parts)
+
+
 class Supervisor:
+    """Schedules the accounts. Time and randomness are injectable (``wait``, ``rand``)."""
+
     def __init__(
         self,
         config: Config,
@@ -73,30 +133,92 @@ class Supervisor:
         *,
         rand: Callable[[], float] = random.random,
         log_outcomes: bool = True,
+        metrics: Metrics | None = None,
+        wait: Wait = wait_any,
+        poll: Callable[[Account, Callable[[], bool]], Awaitable[PollResult]] | None = None,
     ) -> None:
         self.config = config
         self.log_outcomes = log_outcomes
         self.state = state
         self.rand = rand
+        self.metrics = metrics or Metrics()
         self.stop = asyncio.Event()
+        self.last: dict[str, Outcome] = {}  # the latest outcome of each account
+        self.idling: set[tuple[str, str]] = set()  # (account, folder) with IDLE up
+        self._wait = wait
+        self._poll = poll or self._real_poll
         self._connections = asyncio.Semaphore(config.max_connections)
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None
 
-    async def poll(self, account: Account) -> Outcome:
+    # -- one poll ---------------------------------------------------------------------------
+
+    async def _real_poll(self, account: Account, stopping: Callable[[], bool]) -> PollResult:
+        poller = Poller(account, self.state, stopping=stopping)
+        try:
+            return await poller.poll()
+        except BaseException as e:
+            setattr(e, "partial_result", poller.result)  # noqa: B010 - what it did before failing
+            raise
+
+    def _host_limit(self, account: Account) -> asyncio.Semaphore | None:
+        limit = self.config.max_connections_per_host
+        if not limit:
+            return None
+        key = account.host.lower()
+        if key not in self._hosts:
+            self._hosts[key] = asyncio.Semaphore(limit)
+        return self._hosts[key]
+
+    async def poll(self, account: Account, stopping: Callable[[], bool] | None = None) -> Outcome:
         """Poll one account once; never raises (except cancellation)."""
-        async with self._connections:
-            poller = Poller(account, self.state, stopping=self.stop.is_set)
+        stop = stopping or self.stop.is_set
+        async with AsyncExitStack() as slots:
+            # The host's slot first: waiting for it must not hold a global one.
+            host = self._host_limit(account)
+            if host is not None:
+                await slots.enter_async_context(host)
+            await slots.enter_async_context(self._connections)
+            started = time.monotonic()
             try:
-                result = await poller.poll()
+                result = await self._poll(account, stop)
             except FetchdError as e:
-                outcome = Outcome(account, poller.result, e)
+                outcome = Outcome(account, getattr(e, "partial_result", None), e)
             except Exception as e:  # a bug: logged with its traceback, siblings go on
                 log.exception("account %s: unexpected error", account.name)
-                outcome = Outcome(account, poller.result, e)
+                outcome = Outcome(account, getattr(e, "partial_result", None), e)
             else:
                 outcome = Outcome(account, result, None)
+            outcome.seconds = time.monotonic() - started
+        await self._record(outcome)
         if self.log_outcomes:  # `fetchd once` prints them instead
-            log.log(logging.INFO if outcome.ok else logging.ERROR, "%s", outcome.line())
+            level = logging.INFO if outcome.ok else logging.ERROR
+            log.log(level, "%s", outcome.line(), extra={"account": account.name})
         return outcome
+
+    async def _record(self, outcome: Outcome) -> None:
+        """Metrics, the latest outcome, and a row in the state for `fetchd status`."""
+        name = outcome.account.name
+        self.last[name] = outcome
+        self._count(name, outcome.result)
+        if outcome.error is not None:
+            self.metrics.error(name, error_kind(outcome.error))
+        self.metrics.poll_finished(name, outcome.seconds, outcome.ok)
+        summary = outcome.result.summary() if outcome.result else ""
+        error = None if outcome.error is None else describe(outcome.account, outcome.error)
+        try:
+            await self.state.record_poll(name, outcome.seconds, outcome.ok, summary, error)
+        except Exception:  # status is a convenience; never let it stop the polling
+            log.exception("account %s: cannot record the poll in the state", name)
+
+    def _count(self, name: str, result: PollResult | None) -> None:
+        if result is None:
+            return
+        self.metrics.fetched(name, result.fetched, result.bytes)
+        self.metrics.delivered(name, result.delivered)
+        self.metrics.refused(name, result.rejected + result.redirected + result.dropped)
 
     async def run_once(self) -> list[Outcome]:
         """Poll every account once, all at the same time."""
@@ -104,40 +226,155 @@ class Supervisor:
             tasks = [tg.create_task(self.poll(a)) for a in self.config.accounts]
         return [t.result() for t in tasks]
 
+    # -- the daemon -------------------------------------------------------------------------
+
     async def run(self, grace: float = 30.0) -> None:
         """Poll every account at its interval until :attr:`stop` is set.
 
-        On stop, pollers finish the message in hand; after ``grace`` seconds the rest is
-        cancelled.
+        On stop, pollers finish the message in hand and log out; after ``grace`` seconds the
+        rest is cancelled.
         """
-        tasks = []
-        for a in self.config.accounts:
-            if a.idle and a.protocol == "imap":
-                tasks += [asyncio.create_task(self._idle_loop(a, f)) for f in a.folders]
-            else:
-                tasks.append(asyncio.create_task(self._account_loop(a)))
-        try:
+        self.metrics.set_info(len(self.config.accounts), __version__)
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            for account in self.config.accounts:
+                self._start(account, self.config.startup_window)
             await self.stop.wait()
-            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for running in self._running.values():
+                running.stop.set()
+            pending = set(self._tasks)
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=grace)
             for task in pending:
+                log.warning("still busy after the %.0f s grace period: cancelled", grace)
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._group = None
 
-    async def _idle_loop(self, account: Account, folder: str) -> None:
+    def poll_now(self) -> None:
+        """SIGUSR1: every account that waits for its next poll polls now."""
+        for running in self._running.values():
+            running.wake.set()
+
+    def apply(self, config: Config) -> Changes:
+        """A reload: start, stop and restart accounts so the running set matches ``config``."""
+        old = {a.name: a for a in self.config.accounts}
+        new = {a.name: a for a in config.accounts}
+        changes = Changes()
+        changes.added = [n for n in new if n not in old]
+        changes.removed = [n for n in old if n not in new]
+        changes.changed = [n for n in new if n in old and new[n] != old[n]]
+        changes.unchanged = len(new) - len(changes.added) - len(changes.changed)
+        if config.state_file != self.config.state_file:
+            log.warning("state_file changed to %s: that takes a restart", config.state_file)
+        if config.http_listen != self.config.http_listen:
+            log.warning("http.listen changed: that takes a restart")
+        if config.max_connections != self.config.max_connections:
+            self._connections = asyncio.Semaphore(config.max_connections)
+        if config.max_connections_per_host != self.config.max_connections_per_host:
+            self._hosts = {}
+        self.config = config
+        self.metrics.set_info(len(config.accounts), __version__)
+        for name in changes.removed + changes.changed:
+            running = self._running.pop(name)
+            running.stop.set()  # the message in hand is finished, then the loop ends
+            if name in changes.removed:
+                self.last.pop(name, None)
+                self.metrics.forget(name)
+                self.idling = {k for k in self.idling if k[0] != name}
+            else:
+                self._after(running, new[name])
+        for name in changes.added:
+            self._start(new[name], config.startup_window)
+        for name, running in self._running.items():
+            last = self.last.get(name)
+            if last is not None and isinstance(last.error, PermanentError | ConfigError):
+                running.wake.set()  # parked until a reload: perhaps its password file was fixed
+        return changes
+
+    def _after(self, old: _Running, account: Account) -> None:
+        """Start a changed account once its old task(s) ended, so they never overlap."""
+        assert self._group is not None
+        running = _Running(account)
+        self._running[account.name] = running
+
+        async def later() -> None:
+            await asyncio.gather(*old.tasks, return_exceptions=True)
+            if not running.stop.is_set() and not self.stop.is_set():
+                self._spawn(running, 0.0)
+
+        self._track(self._group.create_task(later()))
+
+    def _start(self, account: Account, window: float) -> None:
+        running = _Running(account)
+        self._running[account.name] = running
+        self._spawn(running, window * self.rand())
+
+    def _spawn(self, running: _Running, first_delay: float) -> None:
+        assert self._group is not None
+        a = running.account
+        if a.idle and a.protocol == "imap":
+            running.tasks = [
+                self._group.create_task(self._idle_loop(running, f, first_delay)) for f in a.folders
+            ]
+        else:
+            running.tasks = [self._group.create_task(self._account_loop(running, first_delay))]
+        for task in running.tasks:
+            self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pause(self, running: _Running, delay: float) -> None:
+        await self._wait(delay, (running.stop, running.wake))
+        running.wake.clear()
+
+    async def _account_loop(self, running: _Running, first_delay: float) -> None:
+        account, failures = running.account, 0
+        await self._pause(running, first_delay)
+        while not running.stop.is_set():
+            outcome = await self.poll(account, running.stop.is_set)
+            failures = 0 if outcome.ok else failures + 1
+            permanent = isinstance(outcome.error, PermanentError | ConfigError)
+            delay = next_delay(account.interval, failures, permanent, self.rand())
+            if not outcome.ok:
+                log.info(
+                    "account %s: next attempt in %.0f s",
+                    account.name,
+                    delay,
+                    extra={"account": account.name},
+                )
+            await self._pause(running, delay)
+
+    async def _idle_loop(self, running: _Running, folder: str, first_delay: float) -> None:
         """One IDLE connection per watched folder, re-established with back-off."""
-        failures = 0
-        while not self.stop.is_set():
-            poller = Poller(account, self.state, stopping=self.stop.is_set)
+        account, failures = running.account, 0
+        await self._pause(running, first_delay)
+        while not running.stop.is_set():
+            poller = Poller(account, self.state, stopping=running.stop.is_set)
+            started = time.monotonic()
+
+            async def report(result: PollResult | None, folder: str = folder) -> None:
+                key = (account.name, folder)
+                self.metrics.idle(account.name, folder, result is not None)
+                if result is None:
+                    self.idling.discard(key)
+                    return
+                self.idling.add(key)
+                self._count(account.name, result)
+                self.last[account.name] = Outcome(account, result, None)
+                summary = f"IDLE on {folder}: {result.summary()}"
+                try:
+                    await self.state.record_poll(account.name, 0.0, True, summary, None)
+                except Exception:
+                    log.exception("account %s: cannot record the poll in the state", account.name)
+
             try:
-                await poller.watch(folder, self.stop)
+                await poller.watch(folder, running.stop, report=report)
                 failures = 0
                 delay = 0.0
             except NoIdle as e:  # fall back to polling this folder at the interval
-                log.info("%s", e)
+                log.info("%s", e, extra={"account": account.name})
                 failures = 0
                 delay = next_delay(account.interval, 0, False, self.rand())
             except FetchdError as e:
@@ -152,31 +389,22 @@ class Supervisor:
                     describe(account, e),
                     folder,
                     delay,
+                    extra={"account": account.name},
                 )
-            except Exception:
+                outcome = Outcome(account, poller.result, e, time.monotonic() - started)
+                await self._record(outcome)
+            except Exception as e:
                 failures += 1
                 delay = next_delay(60.0, failures, False, self.rand())
                 log.exception(
                     "account %s: unexpected error while idling on %s", account.name, folder
                 )
-            if delay:
-                try:
-                    async with asyncio.timeout(delay):
-                        await self.stop.wait()
-                except TimeoutError:
-                    pass
+                await self._record(Outcome(account, poller.result, e))
+            await self._pause(running, delay)
 
-    async def _account_loop(self, account: Account) -> None:
-        failures = 0
-        while not self.stop.is_set():
-            outcome = await self.poll(account)
-            failures = 0 if outcome.ok else failures + 1
-            permanent = isinstance(outcome.error, PermanentError | ConfigError)
-            delay = next_delay(account.interval, failures, permanent, self.rand())
-            if not outcome.ok:
-                log.info("account %s: next attempt in %.0f s", account.name, delay)
-            try:
-                async with asyncio.timeout(delay):
-                    await self.stop.wait()
-            except TimeoutError:
-                pass
+    def counts(self) -> str:
+        """For systemd's STATUS= line: how many accounts, failing and idling."""
+        failing = sum(1 for o in self.last.values() if not o.ok)
+        idle = len({name for name, _ in self.idling})
+        total = len(self.config.accounts)
+        return f"{total} accounts, {failing} failing, {idle} idling"

@@ -118,7 +118,12 @@ class ConfigWriter:
 
     def write(self, accounts: list[dict[str, Any]], name: str = "fetchd.yaml", **top: Any) -> Path:
         path = self.directory / name
-        doc = {"state_file": str(self.directory / "state.sqlite3"), **top, "accounts": accounts}
+        doc = {
+            "state_file": str(self.directory / "state.sqlite3"),
+            "startup_window": 0,
+            **top,
+            "accounts": accounts,
+        }
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         os.chmod(path, 0o600)
         return path
