@@ -1,4 +1,5 @@
-"""The command line: ``fetchd once``, ``run``, ``check``, ``status``, ``health`` and ``probe``.
+"""The command line: ``fetchd once``, ``run``, ``check``, ``status``, ``health``, ``probe`` and
+``oauth2 login``.
 
 Exit status: 0 when everything worked, 1 when an account failed (one line per account says
 why), 2 when the configuration is invalid.
@@ -10,10 +11,11 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from fetchd import __version__
-from fetchd.config import Config, load
+from fetchd.config import Config, load, state_file_of
 from fetchd.daemon import Daemon
 from fetchd.errors import ConfigError, FetchdError, StateBusy
 from fetchd.logs import FORMATS, setup_logging
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level, args.log_format)
     if args.command == "probe":
         return _probe(args)
+    if args.command in ("status", "health"):
+        return _status(args.command, args.config)
     try:
         config = _load(args.config)
     except ConfigError as e:
@@ -45,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"{config.path}: ok, {len(config.accounts)} account(s)")
         return EXIT_OK
-    if args.command in ("status", "health"):
-        from fetchd.status import health, status
+    if args.command == "oauth2":
+        from fetchd.oauth2 import login_command
 
-        return (status if args.command == "status" else health)(config)
+        return login_command(config, args.account, args.flow)
     try:
         if args.command == "once":
             return asyncio.run(_once(config))
+        # Until the daemon's handlers are in place, a reload or poll-now signal must not
+        # kill it (systemd queues reloads until READY=1; docker kill does not).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         asyncio.run(Daemon(config, _load).run())
         return EXIT_OK
     except ConfigError as e:
@@ -94,6 +102,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "health", parents=[common], help="exit 0 if the daemon for this configuration is alive"
     )
+    o = sub.add_parser("oauth2", help="OAuth2 sign-in for accounts whose token fetchd refreshes")
+    o_sub = o.add_subparsers(dest="oauth2_command", required=True, metavar="ACTION")
+    login = o_sub.add_parser(
+        "login",
+        parents=[common],
+        help="sign in once and store the account's refresh token",
+        description="Sign in to the account's provider (device code or browser) and store the "
+        "refresh token in its oauth2.refresh_token_file.",
+    )
+    login.add_argument("account", metavar="ACCOUNT", help="the account's name")
+    login.add_argument(
+        "--flow",
+        choices=("device", "browser"),
+        help="device: enter a code on any device; browser: sign in on this machine "
+        "(default: device when the provider has it)",
+    )
     p = sub.add_parser(
         "probe",
         help="show a server's certificate, fingerprints and TLS verdict",
@@ -135,6 +159,26 @@ def _probe(args: argparse.Namespace) -> int:
         return EXIT_ACCOUNT_FAILED
     print(report(host, port, args.starttls, result, settings))
     return EXIT_OK if result.ok else EXIT_ACCOUNT_FAILED
+
+
+def _status(command: str, path: str) -> int:
+    """status and health need only the state file: they work without the daemon's password
+    variables, and while the configuration is being edited."""
+    from fetchd.status import health, status
+
+    try:
+        state_file = state_file_of(path)
+    except ConfigError as e:
+        print(f"fetchd: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "health":
+        return health(state_file)
+    try:
+        names: list[str] | None = [a.name for a in load(path).accounts]
+        problem = None
+    except ConfigError as e:
+        names, problem = None, str(e)
+    return status(state_file, names, problem)
 
 
 def _load(path: str) -> Config:

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import stat
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,24 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuth2Settings:
+    """fetchd's own token handling: a refresh token in a file, exchanged for access tokens.
+
+    ``authorization_params`` are extra query parameters of the browser sign-in (Google needs
+    ``access_type=offline`` to issue a refresh token at all).
+    """
+
+    refresh_token_file: str
+    token_url: str
+    client_id: str
+    client_secret: Secret | None = field(default=None, repr=False)
+    scope: str = ""
+    device_authorization_url: str | None = None
+    authorization_url: str | None = None
+    authorization_params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Account:
     name: str
     protocol: Protocol
@@ -159,6 +178,7 @@ class Account:
     auth: str = "any"
     oauth2_token_file: str | None = None
     oauth2_token_command: tuple[str, ...] = ()
+    oauth2: OAuth2Settings | None = None  # fetchd refreshes the access token itself
     # Run at each login for the password (``password`` is then empty); argv[0] is absolute.
     password_command: tuple[str, ...] | None = None
     fetch_all: bool = False  # deliver messages again even if the state says they were
@@ -301,7 +321,8 @@ class _Section:
             return default
         value = self.ctx.value(node)
         if not check(value):
-            raise self.error(key, f"must be {kind}, not {_show(value)}")
+            shown = _show(value) if key not in _SECRET_KEYS else "that"  # never echo a secret
+            raise self.error(key, f"must be {kind}, not {shown}")
         return value
 
     def text(self, key: str, default: Any = _MISSING) -> Any:
@@ -356,7 +377,8 @@ class _Section:
             value = self.ctx.value(item)
             where = f"{_join(self.where, key)}[{i}]"
             if not isinstance(value, str) or not value.strip():
-                raise self.ctx.error(item, where, f"must be a non-empty text, not {_show(value)}")
+                shown = _show(value) if key not in _SECRET_KEYS else "that"
+                raise self.ctx.error(item, where, f"must be a non-empty text, not {shown}")
             if re.search(r"[\x00-\x1f\x7f]", value):
                 raise self.ctx.error(item, where, "must not contain control characters")
             items.append(value)
@@ -400,7 +422,13 @@ def _show(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
+    if isinstance(value, int | float):
+        return "a number (quote it to make it a text)"
     return repr(value)
+
+
+# Values never repeated in an error message: errors reach logs, `fetchd status` and systemd.
+_SECRET_KEYS = frozenset({"password", "password_command", "client_secret", "refresh_token"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +473,52 @@ _ACCOUNT_KEYS = (
     "uidvalidity_change",
     "idle",
 )
-AUTH_METHODS = ("any", "user", "apop", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
+AUTH_METHODS = (
+    "any",
+    "user",
+    "apop",
+    "plain",
+    "login",
+    "cram-md5",
+    "oauth2",
+    "xoauth2",
+    "oauthbearer",
+)
+# oauth2: OAUTHBEARER or XOAUTH2, whichever the server offers (OAUTHBEARER first).
+OAUTH_METHODS = ("oauth2", "xoauth2", "oauthbearer")
+_OAUTH2_KEYS = (
+    "provider",
+    "tenant",
+    "token_url",
+    "device_authorization_url",
+    "authorization_url",
+    "client_id",
+    "client_secret_file",
+    "client_secret_env",
+    "scope",
+    "refresh_token_file",
+    "token_file",
+    "token_command",
+)
+_MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
+# Endpoints and default scopes of the providers fetchd knows. Google's device flow does not
+# grant mail scopes, so Google has no device endpoint here: its sign-in is the browser flow.
+OAUTH2_PROVIDERS: dict[str, dict[str, str]] = {
+    "microsoft": {
+        "token_url": _MICROSOFT + "/token",
+        "device_authorization_url": _MICROSOFT + "/devicecode",
+        "authorization_url": _MICROSOFT + "/authorize",
+        "scope": "https://outlook.office.com/IMAP.AccessAsUser.All "
+        "https://outlook.office.com/POP.AccessAsUser.All offline_access",
+    },
+    "google": {
+        "token_url": "https://oauth2.googleapis.com/token",
+        "authorization_url": "https://accounts.google.com/o/oauth2/v2/auth",
+        "scope": "https://mail.google.com/",
+    },
+}
+_OAUTH2_AUTHORIZATION_PARAMS = {"google": (("access_type", "offline"), ("prompt", "consent"))}
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,253}$")
 _PASSWORD_SOURCES = ("password", "password_file", "password_env", "password_command")
 _PASSWORD_KEYS = frozenset(_PASSWORD_SOURCES)
 _TLS_KEYS = (
@@ -674,8 +747,10 @@ def _includes(
             ]
             if not files:
                 warnings.append(f"{ctx.at(item)}: {where}: {pattern} holds no .yaml or .yml file")
-        elif os.path.exists(pattern):
+        elif os.path.isfile(pattern):
             files = [pattern]
+        elif os.path.exists(pattern):  # a FIFO or a device would block the reload for ever
+            raise ctx.error(item, where, f"{pattern} is not a regular file")
         else:
             raise ctx.error(item, where, f"no such file or directory: {pattern}")
         for file in files:
@@ -738,6 +813,30 @@ def _default_state_file(env: Mapping[str, str]) -> str:
     return os.path.join(base, "fetchd", "state.sqlite3")
 
 
+def state_file_of(path: str, environ: Mapping[str, str] | None = None) -> str:
+    """Only the state file a configuration names: `fetchd status` and `fetchd health` must
+    work from a shell that lacks the daemon's password variables, or with a file being edited.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    ctx = _Ctx(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    value = None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if isinstance(root, MappingNode):
+            for knode, vnode in root.value:
+                if knode.value == "state_file" and isinstance(vnode, ScalarNode):
+                    value = vnode.value
+    except (yaml.YAMLError, RecursionError):  # a file being edited: find the line itself
+        m = re.search(rb"(?m)^state_file:[ \t]*(['\"]?)([^'\"#\r\n]*?)\1[ \t]*(?:#.*)?$", text)
+        value = m.group(2).decode("utf-8", "replace") if m else None
+    return ctx.path(value or _default_state_file(env))
+
+
 def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]) -> Account:
     protocol = s.choice("protocol", ("pop3", "imap"))
     host = s.text("host")
@@ -762,7 +861,14 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
             f" but tls.mode is {mode}; change one of them",
         )
 
-    oauth = s.has("auth") and s.text("auth") in ("xoauth2", "oauthbearer")
+    # An oauth2: block means OAuth unless auth: says otherwise (and then it must be an OAuth one).
+    default_auth = "oauth2" if s.has("oauth2") else "any"
+    auth_given = s.text("auth") if s.has("auth") else default_auth
+    if s.has("oauth2") and auth_given not in OAUTH_METHODS:
+        raise s.error(
+            "oauth2", f"applies with auth: oauth2, xoauth2 or oauthbearer, not {auth_given}"
+        )
+    oauth = auth_given in OAUTH_METHODS
     password_command: tuple[str, ...] | None = None
     if oauth and not (_PASSWORD_KEYS & s.entries.keys()):
         password = Secret("")
@@ -775,24 +881,15 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
     keep = s.flag("keep", False)
     interval = s.number("interval", 300.0, 1.0, 7 * 86400.0)
     timeout = s.number("timeout", 60.0, 1.0, 3600.0)
-    auth = s.choice("auth", AUTH_METHODS, "any")
+    auth = s.choice("auth", AUTH_METHODS, default_auth)
     if protocol == "imap" and auth in ("user", "apop"):
         raise s.error("auth", f"{auth} is a POP3 method; IMAP has login, plain, cram-md5, ...")
-    token_file: str | None = None
-    token_command: tuple[str, ...] = ()
-    o = s.section("oauth2").expect("token_file", "token_command")
-    if o.entries:
-        if o.has("token_file"):
-            token_file = o.path("token_file", o.text("token_file"))
-        if o.has("token_command"):
-            token_command = o.text_list("token_command", ())
-            if not os.path.isabs(token_command[0]):
-                raise o.error("token_command", "must start with an absolute path (no shell)")
-        if bool(token_file) == bool(token_command):
-            raise o.error("", "give exactly one of token_file, token_command")
-        o.done()
-    if auth in ("xoauth2", "oauthbearer") and not (token_file or token_command):
-        raise s.error("auth", f"{auth} needs oauth2: {{token_file: ...}} or token_command")
+    token_file, token_command, oauth2 = _oauth2(s.section("oauth2"), env, warnings)
+    if auth in OAUTH_METHODS and not (token_file or token_command or oauth2):
+        raise s.error(
+            "auth",
+            f"{auth} needs an oauth2: block with refresh_token_file, token_file or token_command",
+        )
     fetch_all = s.flag("fetch_all", False)
     limit = s.integer("limit", 0, 0, 1 << 40)
     limit_delete = s.flag("limit_delete", False)
@@ -837,6 +934,7 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         auth=auth,
         oauth2_token_file=token_file,
         oauth2_token_command=token_command,
+        oauth2=oauth2,
         password_command=password_command,
         fetch_all=fetch_all,
         limit=limit,
@@ -849,6 +947,159 @@ def _account(ctx: _Ctx, s: _Section, env: Mapping[str, str], warnings: list[str]
         uidvalidity_change=uidvalidity_change,
         idle=idle,
     )
+
+
+def _oauth2(
+    o: _Section, env: Mapping[str, str], warnings: list[str]
+) -> tuple[str | None, tuple[str, ...], OAuth2Settings | None]:
+    """The oauth2: block: (token_file, token_command, settings), at most one of them set.
+
+    With ``refresh_token_file`` fetchd keeps the access token fresh itself, from a provider
+    preset or explicit endpoints; ``token_file`` and ``token_command`` hand over an access token
+    that something else keeps fresh.
+    """
+    o.expect(*_OAUTH2_KEYS)
+    if not o.entries:
+        return None, (), None
+    sources = [k for k in ("refresh_token_file", "token_file", "token_command") if o.has(k)]
+    if len(sources) != 1:
+        raise o.error(
+            sources[1] if sources else "",
+            "give exactly one of refresh_token_file, token_file, token_command",
+        )
+    if sources[0] != "refresh_token_file":
+        extra = [k for k in o.entries if k not in ("token_file", "token_command")]
+        if extra:
+            raise o.error(
+                extra[0],
+                f"applies with refresh_token_file only; {sources[0]} hands over an access token "
+                "that something else keeps fresh",
+            )
+        if sources[0] == "token_file":
+            token_file = o.path("token_file", o.text("token_file"))
+            o.done()
+            return token_file, (), None
+        token_command = o.text_list("token_command", ())
+        if not os.path.isabs(token_command[0]):
+            raise o.error("token_command", "must start with an absolute path (no shell)")
+        o.done()
+        return None, token_command, None
+
+    provider: str | None = o.choice("provider", tuple(OAUTH2_PROVIDERS), None)
+    preset = OAUTH2_PROVIDERS.get(provider or "", {})
+    tenant = o.text("tenant", None)
+    if tenant is not None:
+        if provider != "microsoft":
+            raise o.error("tenant", "applies with provider: microsoft only")
+        if not _TENANT_RE.match(tenant):
+            raise o.error(
+                "tenant", "must be a tenant ID or domain, or common, organizations or consumers"
+            )
+
+    def url(key: str) -> str | None:
+        raw: str | None = o.text(key, None)
+        if raw is None:
+            return preset[key].format(tenant=tenant or "common") if key in preset else None
+        problem = _endpoint_problem(raw)
+        if problem:
+            raise o.error(key, problem)
+        return raw
+
+    token_url = url("token_url")
+    if token_url is None:
+        raise o.error("", "needs provider: microsoft or google, or token_url")
+    client_id = o.text("client_id", None)
+    if client_id is None:
+        raise o.error("", "needs client_id: the client ID of the application you registered")
+    client_secret = _client_secret(o, env)
+    scope = " ".join(o.text_list("scope", ())) or preset.get("scope", "")
+    path = o.path("refresh_token_file", o.text("refresh_token_file"))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise o.error("refresh_token_file", f"no such directory: {directory}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = 0  # written by `fetchd oauth2 login`
+    except OSError as e:
+        raise o.error("refresh_token_file", f"cannot read {path}: {e.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise o.error(
+            "refresh_token_file", f"{path} is readable or writable by everyone: chmod 600 it"
+        )
+    if provider == "google" and client_secret is None:
+        warnings.append(
+            f"{o.ctx.at(o.node)}: {o.where}: Google's token endpoint wants the client secret of "
+            "the Desktop client too: set client_secret_file or client_secret_env"
+        )
+    settings = OAuth2Settings(
+        refresh_token_file=path,
+        token_url=token_url,
+        client_id=client_id,
+        client_secret=client_secret,
+        scope=scope,
+        device_authorization_url=url("device_authorization_url"),
+        authorization_url=url("authorization_url"),
+        authorization_params=_OAUTH2_AUTHORIZATION_PARAMS.get(provider or "", ()),
+    )
+    o.done()
+    return None, (), settings
+
+
+def _endpoint_problem(url: str) -> str | None:
+    """Why a token or sign-in endpoint is unacceptable, or None. Plain http would expose the
+    client secret and the tokens; it is allowed to a loopback address only."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        return f"is not a valid URL: {url!r}"
+    if parts.scheme not in ("https", "http") or not host:
+        return f"must be an https:// URL, not {url!r}"
+    if parts.scheme == "http" and not _is_loopback(host):
+        return "must use https:// (plain http:// only to a loopback address such as 127.0.0.1)"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold a user name or password"
+    if parts.fragment:
+        return "must not have a #fragment"
+    return None
+
+
+def _client_secret(o: _Section, env: Mapping[str, str]) -> Secret | None:
+    """The OAuth client secret, from a file only its owner can read or from the environment;
+    none for a public client (Microsoft's device flow, for one, uses none)."""
+    given = [k for k in ("client_secret_file", "client_secret_env") if o.has(k)]
+    o.used.update(("client_secret_file", "client_secret_env"))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise o.error(given[1], "give only one of client_secret_file, client_secret_env")
+    key = given[0]
+    value = o.text(key)
+    if key == "client_secret_env":
+        secret = env.get(value)
+        if secret is None:
+            raise o.error(key, f"environment variable {value} is not set")
+        if not secret or re.search(r"[\x00\r\n]", secret):
+            raise o.error(key, f"environment variable {value} is empty or holds a line break")
+        return Secret(secret)
+    path = o.path(key, value)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4096)
+    except OSError as e:
+        raise o.error(key, f"cannot read {path}: {e.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise o.error(key, f"{path} is readable or writable by everyone: chmod 600 it")
+    try:
+        secret = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise o.error(key, f"{path} is not UTF-8 text") from None
+    if not secret or re.search(r"[\x00\r\n]", secret):
+        raise o.error(key, f"{path} is empty, holds more than one line, or a NUL byte")
+    return Secret(secret)
 
 
 def _delivery(ctx: _Ctx, d: _Section, warnings: list[str]) -> Delivery:

@@ -29,8 +29,9 @@ from fetchd.errors import (
     ProtocolError,
     TemporaryError,
 )
-from fetchd.sasl import Mechanism, decode_challenge
+from fetchd.sasl import Mechanism, decode_challenge, token_mechanism
 from fetchd.sasl import make as sasl_make
+from fetchd.sasl import refused as sasl_refused
 from fetchd.tls import Security, describe_connect_error, tls_description, translate_tls_error
 
 # The library logs whole message bodies at DEBUG; never let them reach a log file.
@@ -369,7 +370,8 @@ class IMAPClient:
                 done, _ = await asyncio.wait({task}, timeout=min(remaining, 1.0))
                 if task in done:
                     return task.result()
-                closing = p.transport is None or p.transport.is_closing()
+                # No transport yet is a TLS handshake still under way, not a closed line.
+                closing = p.transport is not None and p.transport.is_closing()
                 if p.lost is not None or closing:
                     raise TemporaryError(f"{self.where}: {what}: the connection was closed")
                 if p.received_bytes != last_bytes:
@@ -432,6 +434,14 @@ class IMAPClient:
         caps = self.capabilities
         if method == "any":
             method = "plain" if "AUTH=PLAIN" in caps else "login"
+        elif method == "oauth2":
+            mechanisms = {c[5:] for c in caps if c.startswith("AUTH=")}
+            method = token_mechanism(mechanisms) or ""
+            if not method:
+                raise PermanentError(
+                    f"{self.where}: server offers neither AUTHENTICATE OAUTHBEARER nor XOAUTH2 "
+                    f"(it offers: {', '.join(sorted(mechanisms)) or 'none'})"
+                )
         if method == "login":
             if "LOGINDISABLED" in caps:
                 raise PermanentError(
@@ -478,7 +488,7 @@ class IMAPClient:
                 raise TemporaryError(f"{self.where}: login refused for now: {text}")
             if mechanism is not None and mechanism.error:
                 text = f"{mechanism.error}: {text}"
-            raise PermanentError(f"{self.where}: login failed ({method}): {text}")
+            raise sasl_refused(mechanism, f"{self.where}: login failed ({method}): {text}")
         p.state = aioimaplib.AUTH
         await self._call("CAPABILITY", p.capability())
 

@@ -30,7 +30,9 @@ from fetchd.errors import (
 )
 from fetchd.imap import FolderUnavailable, IMAPClient
 from fetchd.message import envelope_sender, message_digest, received_header, recipients_for
+from fetchd.oauth2 import token_source
 from fetchd.pop3.client import Listing, POP3Client
+from fetchd.sasl import TokenRefused
 from fetchd.state import State
 from fetchd.tls import (
     CertificateError,
@@ -106,9 +108,16 @@ class Poller:
             await self.delivery.close()
         return self.result
 
-    async def _secret(self) -> str:
-        """The password, or for OAuth methods the access token, read fresh for each poll."""
+    async def _secret(self, rejected: str | None = None) -> str:
+        """The password, or for OAuth methods the access token, read fresh for each poll.
+
+        ``rejected``: the server just refused this access token; fetchd's own token source
+        then replaces it (once for all connections of the account).
+        """
         a = self.account
+        if a.oauth2 is not None:
+            source = token_source(a.oauth2)
+            return await source.access_token(self.where, a.name, a.timeout, rejected=rejected)
         if a.oauth2_token_file:
             try:
                 token = await asyncio.to_thread(_first_line, a.oauth2_token_file)
@@ -127,6 +136,40 @@ class Poller:
         if not token or any(c in token for c in "\r\n\0"):
             raise PermanentError(f"{self.where}: the OAuth2 token is empty or malformed")
         return token
+
+    async def _open(self, kind: type[Client]) -> Client:
+        """Connect and log in. An access token that fetchd refreshes itself and that the server
+        refuses is refreshed and tried once more, on a new connection: it may have expired or
+        been revoked early, and that alone should not park the account."""
+        client = await self._connect(kind)
+        secret = ""
+        try:
+            secret = await self._secret()
+            await self._login(client, secret)
+            return client
+        except TokenRefused as e:
+            client.close()
+            if self.account.oauth2 is None:
+                raise
+            log.info("%s; refreshing the access token and trying once more", e)
+        except BaseException:
+            client.close()
+            raise
+        secret = await self._secret(rejected=secret)
+        client = await self._connect(kind)
+        try:
+            await self._login(client, secret)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _login(self, client: POP3Client | IMAPClient, secret: str) -> None:
+        a = self.account
+        if isinstance(client, POP3Client):
+            await client.login(a.user, secret, method=a.auth, encrypted=a.tls.mode != "none")
+        else:
+            await client.login(a.user, secret, method=a.auth)
 
     async def _connect(self, kind: type[Client]) -> Client:
         """Connect and secure the session; a refused certificate is explained in plain words."""
@@ -319,9 +362,8 @@ class Poller:
         Errors are raised: the caller reconnects, with back-off. ``report`` gets each round's
         result once logged in, and None when the connection ends."""
         a = self.account
-        client = await self._connect(IMAPClient)
+        client = await self._open(IMAPClient)
         try:
-            await client.login(a.user, await self._secret(), method=a.auth)
             while not stop.is_set():
                 self.result = PollResult()
                 try:
@@ -358,11 +400,8 @@ class Poller:
     async def _pop3_session(self, budget: int | None) -> bool:
         """One POP3 session; True when messages remain for another session."""
         a = self.account
-        client = await self._connect(POP3Client)
+        client = await self._open(POP3Client)
         try:
-            await client.login(
-                a.user, await self._secret(), method=a.auth, encrypted=a.tls.mode != "none"
-            )
             listing = await client.listing(uidl_required=a.keep)
             seen = await self.state.seen(a.name, "", 0)
             rejected = await self.state.rejected(a.name, "", 0)
@@ -479,9 +518,8 @@ class Poller:
 
     async def _poll_imap(self) -> None:
         a = self.account
-        client = await self._connect(IMAPClient)
+        client = await self._open(IMAPClient)
         try:
-            await client.login(a.user, await self._secret(), method=a.auth)
             missing: list[FolderUnavailable] = []
             for folder in a.folders:
                 try:
@@ -649,12 +687,17 @@ async def _run_helper(
         )
     except OSError as e:
         raise PermanentError(f"{where}: cannot run {label}: {e.strerror or e}") from None
+    assert proc.stdout is not None and proc.stderr is not None
     try:
         async with asyncio.timeout(deadline):
-            out, err = await proc.communicate()
+            out, err = await asyncio.gather(_bounded(proc.stdout), _bounded(proc.stderr))
+            await proc.wait()
     except BaseException as e:  # timed out, or the poll was cancelled: the helper goes too
         _kill_group(proc.pid)
-        await proc.wait()
+        with contextlib.suppress(TimeoutError):  # a child that left the group may hold a pipe
+            async with asyncio.timeout(5):  # read the pipes to their end, so they close
+                await asyncio.gather(_bounded(proc.stdout, 0), _bounded(proc.stderr, 0))
+                await proc.wait()
         if isinstance(e, TimeoutError):
             raise TemporaryError(f"{where}: {label} gave no {what} within {deadline:g} s") from None
         raise
@@ -662,6 +705,16 @@ async def _run_helper(
         detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
         raise failed(f"{where}: {label} exited with status {proc.returncode}: {detail[0][:200]}")
     return out.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+async def _bounded(stream: asyncio.StreamReader, limit: int = 65536) -> bytes:
+    """What a helper writes, kept up to ``limit`` bytes; the rest is read and dropped, so a
+    chatty program neither fills the memory nor blocks on a full pipe."""
+    data = b""
+    while chunk := await stream.read(65536):
+        if len(data) < limit:
+            data += chunk[: limit - len(data)]
+    return data
 
 
 def _kill_group(pgid: int) -> None:

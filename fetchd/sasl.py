@@ -14,6 +14,8 @@ import hmac
 import json
 from dataclasses import dataclass, field
 
+from fetchd.errors import PermanentError
+
 # Strongest first: mechanisms that never reveal the password come before those that do.
 PASSWORD_PREFERENCE = ("CRAM-MD5", "PLAIN", "LOGIN")
 TOKEN_PREFERENCE = ("OAUTHBEARER", "XOAUTH2")
@@ -21,6 +23,29 @@ TOKEN_PREFERENCE = ("OAUTHBEARER", "XOAUTH2")
 
 def preference(*, password: bool) -> tuple[str, ...]:
     return PASSWORD_PREFERENCE if password else TOKEN_PREFERENCE
+
+
+class TokenRefused(PermanentError):
+    """The server refused an OAuth access token (not the method, and not "busy, try later").
+
+    The token may merely have expired or been revoked early: one refresh and one more try can
+    help, where trying a refused password again would only lock the account.
+    """
+
+
+def refused(mechanism: Mechanism | None, message: str) -> PermanentError:
+    """The error for credentials the server refused: TokenRefused for an access token."""
+    if mechanism is not None and mechanism.kind in ("xoauth2", "oauthbearer"):
+        return TokenRefused(message)
+    return PermanentError(message)
+
+
+def token_mechanism(offered: set[str]) -> str | None:
+    """For ``auth: oauth2``: the token mechanism to use among those the server offers."""
+    for name in TOKEN_PREFERENCE:
+        if name in offered:
+            return name.lower()
+    return None
 
 
 @dataclass
@@ -84,7 +109,9 @@ def xoauth2(user: str, token: str) -> Mechanism:
 
 
 def oauthbearer(user: str, token: str) -> Mechanism:
-    initial = f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
+    # RFC 5801's saslname: "," and "=" in the authorization identity are escaped.
+    name = user.replace("=", "=3D").replace(",", "=2C")
+    initial = f"n,a={name},\x01auth=Bearer {token}\x01\x01".encode()
     return Mechanism("OAUTHBEARER", initial, kind="oauthbearer", user=user, secret=token)
 
 

@@ -6,7 +6,6 @@ import os
 import sys
 import time
 
-from fetchd.config import Config
 from fetchd.errors import ConfigError
 from fetchd.state import AccountStatus, DaemonStatus, snapshot
 
@@ -41,10 +40,10 @@ def _alive(daemon: DaemonStatus | None, now: float) -> tuple[bool, str]:
     return True, f"fetchd (pid {daemon.pid}) running since {_ago(daemon.started, now)}"
 
 
-def health(config: Config) -> int:
-    """0 when the daemon of this configuration is alive (for HEALTHCHECK and probes)."""
+def health(state_file: str) -> int:
+    """0 when the daemon working on this state file is alive (for HEALTHCHECK and probes)."""
     try:
-        daemon, _ = snapshot(config.state_file)
+        daemon, _ = snapshot(state_file)
     except ConfigError as e:
         print(f"unhealthy: {e}")
         return 1
@@ -53,10 +52,11 @@ def health(config: Config) -> int:
     return 0 if ok else 1
 
 
-def status(config: Config) -> int:
-    """A table: one line per account, then the problems in full."""
+def status(state_file: str, names: list[str] | None, problem: str | None = None) -> int:
+    """A table: one line per account (``names``, or all the state knows when the configuration
+    cannot be read: ``problem`` says why), then the problems in full."""
     try:
-        daemon, accounts = snapshot(config.state_file)
+        daemon, accounts = snapshot(state_file)
     except ConfigError as e:
         print(f"fetchd: {e}", file=sys.stderr)
         return 1
@@ -64,20 +64,21 @@ def status(config: Config) -> int:
     _, text = _alive(daemon, now)
     print(text)
     if daemon is not None and daemon.reload_error:
-        print(f"last reload FAILED (the previous configuration runs): {daemon.reload_error}")
+        error = _cut(daemon.reload_error, 500)
+        print(f"last reload FAILED (the previous configuration runs): {error}")
+    if problem is not None:
+        print(f"configuration error (showing what the state knows): {_cut(problem, 500)}")
     rows = [("ACCOUNT", "LAST POLL", "RESULT", "LAST OK", "KEPT", "SUMMARY / ERROR")]
     problems: list[str] = []
-    for account in config.accounts:
-        s = accounts.get(account.name)
+    for name in sorted(accounts) if names is None else names:
+        s = accounts.get(name)
         if s is None or s.ok is None:
-            rows.append((account.name, "never", "-", "never", _kept(s), ""))
+            rows.append((name, "never", "-", "never", _kept(s), ""))
             continue
         result = "ok" if s.ok else "FAILED"
         detail = s.summary if s.ok else (s.error or "")
-        rows.append(
-            (account.name, _ago(s.started, now), result, _ago(s.last_ok, now), _kept(s), detail)
-        )
-        problems += [f"{account.name}: {r}" for r in s.reasons]
+        rows.append((name, _ago(s.started, now), result, _ago(s.last_ok, now), _kept(s), detail))
+        problems += [f"{name}: {r}" for r in s.reasons]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         cells = [r[i].ljust(widths[i]) for i in range(5)]

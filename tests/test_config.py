@@ -419,6 +419,18 @@ async def test_password_command_that_overruns_is_killed_with_its_children(
     assert not alive(child)
 
 
+async def test_password_command_that_floods_its_output_is_bounded(
+    tmp_path: Path, state: State
+) -> None:
+    """A program that never stops writing: memory stays bounded and the login fails in time."""
+    helper = script(tmp_path / "helper", "exec yes hunter2\n")
+    account = with_command(tmp_path, f"['{helper}']", "    timeout: 1\n")
+    started = time.monotonic()
+    with pytest.raises(TemporaryError, match="gave no password within 1 s"):
+        await Poller(account, state)._secret()
+    assert time.monotonic() - started < 10
+
+
 # -- include: -----------------------------------------------------------------------------------
 
 
@@ -590,3 +602,16 @@ async def test_password_command_is_killed_when_the_login_is_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await login
     assert not alive(int(pid_file.read_text()))
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["    password: 8675309\n", "    password_command: [/bin/echo, 8675309]\n"],
+)
+def test_a_secret_written_as_a_number_is_not_repeated_in_the_error(
+    tmp_path: Path, line: str
+) -> None:
+    text = BASE.replace("    password_env: ALICE_PW\n", line)
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), environ={})
+    assert "8675309" not in str(e.value) and "must be" in str(e.value)

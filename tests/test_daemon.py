@@ -198,14 +198,17 @@ async def test_reload_signals_status_and_systemd(
         assert not arrived(f"{users['gone']} second") and dovecot.count(users["gone"]) == 1
 
         # A broken file changes nothing; the error is logged and shown by status.
-        config.write_text("accounts: [ {name: broken\n")
+        state_file = configs.directory / "state.sqlite3"
+        config.write_text(f"state_file: {state_file}\naccounts:\n  - {{name: broken, prot: 1}}\n")
         d.proc.send_signal(signal.SIGHUP)
         await d.logged("reload failed, the running configuration stays")
         await d.noted("last reload failed")
         dovecot.save(users["edit"], f"Subject: {users['edit']} third\r\n\r\nx\r\n".encode())
         await until_arrived(f"{users['edit']} third")
-        status, _, err = await fetchd("status", "-c", str(config))
-        assert status == 2 and "not valid YAML" in err  # `fetchd status` says it too
+        status, out, _ = await fetchd("status", "-c", str(config))
+        assert status == 0 and "configuration error" in out and "is required" in out, out
+        assert "last reload FAILED" in out
+        assert any(line.startswith("edit ") and " ok " in line for line in out.splitlines())
 
         # SIGTERM: a clean stop.
         d.proc.send_signal(signal.SIGTERM)

@@ -146,3 +146,37 @@ async def test_ten_thousand_messages(
     assert len(sink.accepted) == 10_000 and dovecot.count(mailbox_user) == 0
     bodies = {strip_received(a.data)[1] for a in sink.accepted}
     assert all(as_delivered(m) in bodies for m in messages[::101])
+
+
+async def test_a_tls_handshake_slower_than_a_second_is_waited_for(
+    dovecot: Dovecot, mailbox_user: str, sink: Sink, configs: ConfigWriter
+) -> None:
+    """A busy server (1,000 logins at once) takes a while to answer the TLS handshake; that is
+    not a closed connection."""
+    dovecot.deliver(mailbox_user, [b"Subject: slow handshake\n\nbody\n"])
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+        first = True
+        while data := await src.read(65536):
+            if first and delay:
+                await asyncio.sleep(delay)  # hold back the server's first TLS record
+                first = False
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", dovecot.ports["imaps"])
+        await asyncio.gather(pipe(reader, up_w, 0), pipe(up_r, writer, 2.5))
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    account = configs.account(
+        dovecot, mailbox_user, protocol="imap", mode="implicit", sink_port=sink.port
+    )
+    account["port"] = server.sockets[0].getsockname()[1]
+    try:
+        (outcome,) = await poll_once(configs.write([account]))
+    finally:
+        server.close()
+    assert outcome.ok, outcome.line()
+    assert len(sink.accepted) == 1

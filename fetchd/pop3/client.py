@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from fetchd.deadline import Progress
 from fetchd.errors import PermanentError, ProtocolError, TemporaryError
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
-from fetchd.sasl import Mechanism, apop_digest, decode_challenge
+from fetchd.sasl import Mechanism, apop_digest, decode_challenge, token_mechanism
 from fetchd.sasl import make as sasl_make
 from fetchd.sasl import preference as sasl_preference
+from fetchd.sasl import refused as sasl_refused
 from fetchd.tls import (
     Security,
     describe_connect_error,
@@ -283,6 +284,13 @@ class POP3Client:
                 chosen = names[0].lower()
             else:
                 chosen = "user"
+        elif method == "oauth2":
+            chosen = token_mechanism(sasl) or ""
+            if not chosen:
+                raise PermanentError(
+                    f"{self.where}: server offers neither SASL OAUTHBEARER nor XOAUTH2 "
+                    f"(it offers: {', '.join(sorted(sasl)) or 'none'})"
+                )
         mechanism = None
         if chosen == "user":
             reply = await self.command("USER", user)
@@ -298,7 +306,7 @@ class POP3Client:
             hidden = [secret]
         else:
             name = chosen.upper()
-            if name not in sasl and method != "any":
+            if name not in sasl and method not in ("any", "oauth2"):
                 raise PermanentError(
                     f"{self.where}: server does not offer SASL {name} "
                     f"(it offers: {', '.join(sorted(sasl)) or 'none'})"
@@ -317,19 +325,30 @@ class POP3Client:
                     text = text.replace(item, "********")
             if mechanism is not None and mechanism.error:
                 text = f"{mechanism.error}: {text}"
-            raise PermanentError(f"{self.where}: login failed ({chosen}): {text}")
+            raise sasl_refused(mechanism, f"{self.where}: login failed ({chosen}): {text}")
 
     async def _sasl(self, mechanism: Mechanism) -> Reply:
         """AUTH with an initial response when there is one; challenges answered or cancelled."""
         args = [mechanism.name]
+        initial_pending = False
         if mechanism.initial is not None:
-            args.append(base64.b64encode(mechanism.initial).decode("ascii") or "=")
+            encoded = base64.b64encode(mechanism.initial).decode("ascii") or "="
+            # RFC 5034: the AUTH line may not exceed 255 octets (an access token often does);
+            # the initial response then answers the server's first, empty challenge.
+            if len(f"AUTH {mechanism.name} {encoded}\r\n") <= 255:
+                args.append(encoded)
+            else:
+                initial_pending = True
         reply = await self.command("AUTH", *args)
         for _ in range(10):  # no honest exchange needs more steps
             if not reply.continuation:
                 return reply
-            challenge = decode_challenge(reply.text)
-            answer = mechanism.respond(challenge) if challenge is not None else None
+            if initial_pending:
+                initial_pending = False
+                answer: bytes | None = mechanism.initial
+            else:
+                challenge = decode_challenge(reply.text)
+                answer = mechanism.respond(challenge) if challenge is not None else None
             line = b"*" if answer is None else base64.b64encode(answer)
             self._writer.write(self._proto.send_sasl(line))
             reply = await self._reply()
