@@ -27,7 +27,12 @@ LABEL org.opencontainers.image.title="fetchd" \
 
 # A fixed UID/GID, so that mounted files can be given to it (chown 10001) and Kubernetes'
 # runAsNonRoot can check it.
-RUN groupadd --system --gid 10001 fetchd \
+# tini as PID 1: forwards signals to fetchd and reaps what an MDA or a password command
+# leaves behind, also where no --init is given (Kubernetes).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 fetchd \
     && useradd --system --uid 10001 --gid fetchd --home-dir /var/lib/fetchd --no-create-home \
         --shell /usr/sbin/nologin fetchd \
     && install -d -o root -g root -m 0755 /etc/fetchd \
@@ -58,5 +63,5 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["fetchd", "health"]
 
-ENTRYPOINT ["fetchd"]
+ENTRYPOINT ["/usr/bin/tini", "--", "fetchd"]
 CMD ["run"]

@@ -43,6 +43,8 @@ class Daemon:
         self.reload_error: str | None = None
         self.supervisor: Supervisor | None = None
         self.state: State | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._reload_again = False
 
     async def run(self) -> None:
         state = self.state = await State.open(self.config.state_file, lock=True)
@@ -54,7 +56,7 @@ class Daemon:
         handlers = {
             signal.SIGTERM: self._stop,
             signal.SIGINT: self._stop,
-            signal.SIGHUP: lambda: background.append(loop.create_task(self.reload())),
+            signal.SIGHUP: self._hup,
             signal.SIGUSR1: self._poll_now,
         }
         try:
@@ -79,6 +81,8 @@ class Daemon:
         finally:
             for sig in handlers:
                 loop.remove_signal_handler(sig)
+            if self._reloader is not None:
+                background.append(self._reloader)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -93,10 +97,29 @@ class Daemon:
         log.info("fetchd stopped")
 
     def _stop(self) -> None:
-        if self.supervisor is not None and not self.supervisor.stop.is_set():
-            log.info("stopping: finishing the messages in hand (at most %.0f s)", self.grace)
-            self.notifier.stopping()
-            self.supervisor.stop.set()
+        if self.supervisor is None:
+            return
+        if self.supervisor.stop.is_set():
+            log.warning("stopping now: the messages in hand are left on the server")
+            self.supervisor.hurry()
+            return
+        log.info("stopping: finishing the messages in hand (at most %.0f s)", self.grace)
+        self.notifier.stopping()
+        self.supervisor.stop.set()
+
+    def _hup(self) -> None:
+        """Reloads run one at a time, in order; HUPs that arrive meanwhile make one more."""
+        if self._reloader is not None and not self._reloader.done():
+            self._reload_again = True
+            return
+        self._reloader = asyncio.get_running_loop().create_task(self._reloads())
+
+    async def _reloads(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
 
     def _poll_now(self) -> None:
         log.info("SIGUSR1: polling every account now")
@@ -106,6 +129,8 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: apply a valid configuration's difference; keep everything on an invalid one."""
         assert self.supervisor is not None
+        if self.supervisor.stop.is_set():
+            return
         self.notifier.reloading()
         path = self.config.path
         try:
@@ -149,7 +174,7 @@ class Daemon:
         """The state's heartbeat, systemd's STATUS= and its watchdog."""
         interval = HEARTBEAT
         if self.notifier.watchdog:
-            interval = min(interval, self.notifier.watchdog)
+            interval = min(interval, max(self.notifier.watchdog, 0.5))
         beats = 0.0
         while True:
             self.notifier.ping()

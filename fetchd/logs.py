@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 MAX_MESSAGE = 4096  # characters of a message (or traceback line) kept; the rest is only counted
 MAX_DETAIL = 16 * MAX_MESSAGE  # characters of a traceback kept: its top says where it started
@@ -179,3 +179,15 @@ def setup_logging(
     root.setLevel(level)
     for name in NOISY:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Errors Python cannot raise (in __del__, say) go through the log, in its format, not as
+    raw traceback lines on stderr."""
+    logging.getLogger("fetchd").warning(
+        "ignored error in %r: %s",
+        unraisable.object,
+        unraisable.exc_value,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+    )

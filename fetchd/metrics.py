@@ -44,6 +44,7 @@ POLL_RESULTS = ("ok", "failed")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 8192  # bytes of request line and headers; a scraper sends a few hundred
 TIMEOUT = 10.0  # seconds for a client to send its request, and again to take the answer
+MAX_CLIENTS = 32  # at once; more are dropped
 LINGER = 2.0  # seconds at most to wait for a client to close after the answer
 LINGER_BYTES = 65536
 
@@ -360,7 +361,17 @@ async def serve(
     long a client may take to send its request and, separately, to take the answer.
     """
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _connection(reader, writer, metrics, health, client_timeout)
+    clients = 0
 
-    return await asyncio.start_server(handle, host, port, limit=MAX_HEAD)
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal clients
+        if clients >= MAX_CLIENTS:  # a flood must not take the file descriptors polls need
+            writer.transport.abort()
+            return
+        clients += 1
+        try:
+            await _connection(reader, writer, metrics, health, client_timeout)
+        finally:
+            clients -= 1
+
+    return await asyncio.start_server(handle, host, port, limit=MAX_HEAD, backlog=MAX_CLIENTS)

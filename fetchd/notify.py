@@ -38,7 +38,8 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if not self.address:
             return
-        message = "\n".join(f.replace("\n", " ") for f in fields).encode("utf-8", "replace")
+        clean = ("".join(c if c.isprintable() else " " for c in f) for f in fields)
+        message = "\n".join(clean).encode("utf-8", "replace")
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

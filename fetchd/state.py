@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,18 @@ CREATE TABLE IF NOT EXISTS folders (
 """
 
 
+_ACCOUNT_TABLES = (
+    "seen",
+    "digests",
+    "partial",
+    "rejected",
+    "noticed",
+    "uncertain",
+    "polls",
+    "folders",
+)
+
+
 class State:
     """The state database. Open with :meth:`open`, close with :meth:`close`."""
 
@@ -140,6 +153,19 @@ class State:
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
+
+    async def rename_account(self, old: str, new: str) -> None:
+        """Carry an account's state over to its new name (a rename in the configuration)."""
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                for table in _ACCOUNT_TABLES:
+                    db.execute(
+                        f"UPDATE OR REPLACE {table} SET account=? WHERE account=?",  # noqa: S608
+                        (new, old),
+                    )
+
+        await self._run(q)
 
     async def record_poll(
         self, account: str, seconds: float, ok: bool, summary: str, error: str | None
@@ -441,14 +467,19 @@ def _connect(path: str) -> sqlite3.Connection:
 
 def _lock(path: str) -> int:
     """Take ``PATH.lock`` (flock, released when the process dies) and write our pid in it."""
-    lock_path = path + ".lock"
+    lock_path = os.path.realpath(path) + ".lock"  # one lock per database, however it is named
     directory = os.path.dirname(lock_path)
     try:
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+        fd = os.open(lock_path, flags, 0o600)
     except OSError as e:
         raise ConfigError(f"cannot create the lock file {lock_path}: {e.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError(f"{lock_path} is not a regular file of this user: refusing to use it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

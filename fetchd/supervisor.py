@@ -12,6 +12,7 @@ unchanged ones are not touched, so their IDLE connections stay up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -102,12 +103,12 @@ async def wait_any(delay: float, events: Sequence[asyncio.Event]) -> None:
 
 @dataclass(eq=False, slots=True)
 class _Running:
-    """The task(s) of one account: one poll loop, or one IDLE loop per folder."""
+    """The task of one account: its poll loop, or its IDLE loops (one per folder)."""
 
     account: Account
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    task: asyncio.Task[None] = field(init=False)
 
 
 @dataclass(slots=True)
@@ -150,8 +151,10 @@ class Supervisor:
         self._connections = asyncio.Semaphore(config.max_connections)
         self._hosts: dict[str, asyncio.Semaphore] = {}
         self._running: dict[str, _Running] = {}
+        self._draining: set[_Running] = set()  # removed or replaced, finishing their message
         self._tasks: set[asyncio.Task[None]] = set()
         self._group: asyncio.TaskGroup | None = None
+        self._hurry = asyncio.Event()
 
     # -- one poll ---------------------------------------------------------------------------
 
@@ -201,6 +204,8 @@ class Supervisor:
     async def _record(self, outcome: Outcome) -> None:
         """Metrics, the latest outcome, and a row in the state for `fetchd status`."""
         name = outcome.account.name
+        if not self._current(outcome.account):
+            return  # removed or replaced by a reload while it polled
         self.last[name] = outcome
         self._count(name, outcome.result)
         if outcome.error is not None:
@@ -231,35 +236,56 @@ class Supervisor:
     async def run(self, grace: float = 30.0) -> None:
         """Poll every account at its interval until :attr:`stop` is set.
 
-        On stop, pollers finish the message in hand and log out; after ``grace`` seconds the
-        rest is cancelled.
+        On stop, pollers finish the message in hand and log out; after ``grace`` seconds, or
+        at once after :meth:`hurry`, the rest is cancelled.
         """
         self.metrics.set_info(len(self.config.accounts), __version__)
         async with asyncio.TaskGroup() as tg:
             self._group = tg
             for account in self.config.accounts:
-                self._start(account, self.config.startup_window)
+                self._start(account, self.config.startup_window * self.rand())
             await self.stop.wait()
-            for running in self._running.values():
+            for running in (*self._running.values(), *self._draining):
                 running.stop.set()
-            pending = set(self._tasks)
-            if pending:
-                _, pending = await asyncio.wait(pending, timeout=grace)
-            for task in pending:
-                log.warning("still busy after the %.0f s grace period: cancelled", grace)
-                task.cancel()
+            if self._tasks:
+                finished = asyncio.ensure_future(asyncio.wait(list(self._tasks)))
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                await asyncio.wait(
+                    [finished, hurry], timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                finished.cancel()
+                hurry.cancel()
+            while self._tasks:  # whatever is left, including anything started meanwhile
+                busy = list(self._tasks)
+                log.warning("%d account task(s) still busy: cancelled", len(busy))
+                for task in busy:
+                    task.cancel()
+                await asyncio.wait(busy)
         self._group = None
 
+    def hurry(self) -> None:
+        """A second SIGTERM: do not wait out the grace period."""
+        self._hurry.set()
+
     def poll_now(self) -> None:
-        """SIGUSR1: every account that waits for its next poll polls now."""
-        for running in self._running.values():
-            running.wake.set()
+        """SIGUSR1: every account that waits for its next poll polls now, except those parked
+        after a permanent error (a wrong password retried on every signal can lock an account;
+        a reload retries them)."""
+        for name, running in self._running.items():
+            if not _parked(self.last.get(name)):
+                running.wake.set()
 
     def apply(self, config: Config) -> Changes:
-        """A reload: start, stop and restart accounts so the running set matches ``config``."""
+        """A reload: start, stop and restart accounts so the running set matches ``config``.
+
+        A new task for an account never overlaps an old one for the same account or the same
+        mailbox (a rename): it starts once they have finished the message in hand.
+        """
+        changes = Changes()
+        if self.stop.is_set():
+            return changes
         old = {a.name: a for a in self.config.accounts}
         new = {a.name: a for a in config.accounts}
-        changes = Changes()
         changes.added = [n for n in new if n not in old]
         changes.removed = [n for n in old if n not in new]
         changes.changed = [n for n in new if n in old and new[n] != old[n]]
@@ -274,56 +300,78 @@ class Supervisor:
             self._hosts = {}
         self.config = config
         self.metrics.set_info(len(config.accounts), __version__)
+        gone = {name: old[name] for name in changes.removed}
         for name in changes.removed + changes.changed:
             running = self._running.pop(name)
-            running.stop.set()  # the message in hand is finished, then the loop ends
-            if name in changes.removed:
-                self.last.pop(name, None)
-                self.metrics.forget(name)
-                self.idling = {k for k in self.idling if k[0] != name}
-            else:
-                self._after(running, new[name])
+            running.stop.set()  # the message in hand is finished, then the task ends
+            self._draining.add(running)
+            running.task.add_done_callback(functools.partial(self._drained, running))
+        for name in changes.removed:
+            self.last.pop(name, None)
+            self.metrics.forget(name)
+            self.idling = {k for k in self.idling if k[0] != name}
         for name in changes.added:
-            self._start(new[name], config.startup_window)
+            account = new[name]
+            renamed = [g for g in gone.values() if _mailbox(g) == _mailbox(account)]
+            self._start(account, 0.0, renamed[0].name if len(renamed) == 1 else None)
+        for name in changes.changed:
+            self._start(new[name], 0.0)
         for name, running in self._running.items():
-            last = self.last.get(name)
-            if last is not None and isinstance(last.error, PermanentError | ConfigError):
+            if _parked(self.last.get(name)):
                 running.wake.set()  # parked until a reload: perhaps its password file was fixed
         return changes
 
-    def _after(self, old: _Running, account: Account) -> None:
-        """Start a changed account once its old task(s) ended, so they never overlap."""
+    def _drained(self, running: _Running, task: asyncio.Task[None]) -> None:
+        self._draining.discard(running)
+
+    def _start(self, account: Account, first_delay: float, renamed_from: str | None = None) -> None:
+        """One task per account; it first waits for older tasks of the same account or
+        mailbox, still finishing the message in hand."""
         assert self._group is not None
+        if self.stop.is_set():
+            return
+        before = [
+            r.task
+            for r in self._draining
+            if r.account.name == account.name or _mailbox(r.account) == _mailbox(account)
+        ]
         running = _Running(account)
         self._running[account.name] = running
+        running.task = self._group.create_task(
+            self._lifecycle(running, before, first_delay, renamed_from)
+        )
+        self._tasks.add(running.task)
+        running.task.add_done_callback(self._tasks.discard)
 
-        async def later() -> None:
-            await asyncio.gather(*old.tasks, return_exceptions=True)
-            if not running.stop.is_set() and not self.stop.is_set():
-                self._spawn(running, 0.0)
-
-        self._track(self._group.create_task(later()))
-
-    def _start(self, account: Account, window: float) -> None:
-        running = _Running(account)
-        self._running[account.name] = running
-        self._spawn(running, window * self.rand())
-
-    def _spawn(self, running: _Running, first_delay: float) -> None:
-        assert self._group is not None
+    async def _lifecycle(
+        self,
+        running: _Running,
+        before: list[asyncio.Task[None]],
+        first_delay: float,
+        renamed_from: str | None,
+    ) -> None:
+        if before:
+            await asyncio.wait(before)
+        if running.stop.is_set():
+            return
         a = running.account
-        if a.idle and a.protocol == "imap":
-            running.tasks = [
-                self._group.create_task(self._idle_loop(running, f, first_delay)) for f in a.folders
-            ]
-        else:
-            running.tasks = [self._group.create_task(self._account_loop(running, first_delay))]
-        for task in running.tasks:
-            self._track(task)
+        if renamed_from is not None:
+            # The same mailbox under a new name: carry its state over, or it is fetched again.
+            log.info("account %s was %s: its state moves with it", a.name, renamed_from)
+            await self.state.rename_account(renamed_from, a.name)
+        if not (a.idle and a.protocol == "imap"):
+            await self._account_loop(running, first_delay)
+            return
+        async with asyncio.TaskGroup() as tg:
+            for folder in a.folders:
+                tg.create_task(self._idle_loop(running, folder, first_delay))
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _current(self, account: Account) -> bool:
+        """Whether outcomes of this account still count (not removed or replaced meanwhile)."""
+        if self._group is None:  # `fetchd once`
+            return True
+        running = self._running.get(account.name)
+        return running is not None and running.account is account
 
     async def _pause(self, running: _Running, delay: float) -> None:
         await self._wait(delay, (running.stop, running.wake))
@@ -356,6 +404,8 @@ class Supervisor:
 
             async def report(result: PollResult | None, folder: str = folder) -> None:
                 key = (account.name, folder)
+                if not self._current(account):
+                    return
                 self.metrics.idle(account.name, folder, result is not None)
                 if result is None:
                     self.idling.discard(key)
@@ -408,3 +458,11 @@ class Supervisor:
         idle = len({name for name, _ in self.idling})
         total = len(self.config.accounts)
         return f"{total} accounts, {failing} failing, {idle} idling"
+
+
+def _parked(outcome: Outcome | None) -> bool:
+    return outcome is not None and isinstance(outcome.error, PermanentError | ConfigError)
+
+
+def _mailbox(account: Account) -> tuple[str, str, int, str]:
+    return (account.protocol, account.host.lower(), account.port, account.user)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fetchd.metrics import CONTENT_TYPE, MAX_HEAD, Metrics, serve
+from fetchd.metrics import CONTENT_TYPE, MAX_CLIENTS, MAX_HEAD, Metrics, serve
 
 NOW = 1_764_778_837.25
 SAMPLE = re.compile(
@@ -419,3 +419,25 @@ async def test_the_server_keeps_serving_after_bad_clients(listener: Listener) ->
     await exchange(listener.port, b"\xff\xfe\r\n\r\n")
     reply = await get(listener.port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert reply.status == 200
+
+
+async def test_a_connection_flood_is_capped() -> None:
+    server = await serve(Metrics(), "127.0.0.1", 0, lambda: (True, "ok"), client_timeout=5)
+    port = server.sockets[0].getsockname()[1]
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CLIENTS + 8)]
+    try:
+        await asyncio.sleep(0.2)
+        dropped = 0
+        for reader, _ in idle:
+            try:
+                async with asyncio.timeout(0.05):
+                    if await reader.read(1) == b"":
+                        dropped += 1
+            except (TimeoutError, ConnectionError):
+                dropped += isinstance(reader.exception(), ConnectionError)
+        assert dropped >= 8, "connections beyond the cap are closed at once"
+    finally:
+        for _, writer in idle:
+            writer.close()
+        server.close()
+        await server.wait_closed()

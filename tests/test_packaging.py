@@ -207,7 +207,7 @@ def test_dockerfile() -> None:
     assert args["USER"].split(":")[0] not in ("root", "0")
     assert args["STOPSIGNAL"] == "SIGTERM"
     assert args["HEALTHCHECK"].endswith('CMD ["fetchd", "health"]')
-    assert json.loads(args["ENTRYPOINT"]) == ["fetchd"]
+    assert json.loads(args["ENTRYPOINT"]) == ["/usr/bin/tini", "--", "fetchd"]
     assert "fetchd" in project["scripts"]
     assert json.loads(args["CMD"]) == ["run"]
     env = " ".join(value for instruction, value in steps if instruction == "ENV")

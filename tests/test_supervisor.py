@@ -216,9 +216,9 @@ async def test_reload_applies_only_the_difference(state: State) -> None:
     sup = Supervisor(config(old, startup_window=0), state, wait=clock.wait, poll=boxes.poll)
     async with running(sup):
         await until(lambda: len(boxes.polls) == 3)
-        same_task = sup._running["same"].tasks[0]
-        gone_task = sup._running["gone"].tasks[0]
-        edit_task = sup._running["edit"].tasks[0]
+        same_task = sup._running["same"].task
+        gone_task = sup._running["gone"].task
+        edit_task = sup._running["edit"].task
         changes = sup.apply(
             config(
                 [acct("same"), replace(acct("edit"), interval=5.0), acct("new")], startup_window=0
@@ -232,7 +232,7 @@ async def test_reload_applies_only_the_difference(state: State) -> None:
         )
         await until(lambda: gone_task.done() and edit_task.done())
         await until(lambda: boxes.polls.count("new") == 1 and boxes.polls.count("edit") == 2)
-        assert sup._running["same"].tasks[0] is same_task and not same_task.done()
+        assert sup._running["same"].task is same_task and not same_task.done()
         assert boxes.polls.count("same") == 1, "the unchanged account was not touched"
         assert "gone" not in sup._running and "gone" not in sup.last
         assert sup._running["edit"].account.interval == 5.0
@@ -275,3 +275,52 @@ async def test_a_reload_retries_a_parked_account_at_once(state: State) -> None:
         await asyncio.sleep(0.05)
         assert boxes.polls.count("fine") == 1, "a healthy account keeps its schedule"
         assert sup.last["parked"].ok
+
+
+async def test_reloads_during_a_poll_never_run_one_mailbox_twice(state: State) -> None:
+    """Changed twice, removed and re-added, renamed: each time the new task waits for the old
+    one to finish the message in hand, and the rename carries the state over."""
+    boxes = Mailboxes()
+    boxes.gate = asyncio.Event()
+    await state.record("a", "", 0, "uid-1")
+    base = acct("a", interval=1.0)
+    sup = Supervisor(config([base], startup_window=0), state, poll=boxes.poll)
+    async with running(sup):
+        await until(lambda: boxes.active["mail.test"] == 1)
+        sup.apply(config([replace(base, interval=2.0)], startup_window=0))
+        sup.apply(config([replace(base, interval=3.0)], startup_window=0))
+        sup.apply(config([], startup_window=0))
+        sup.apply(config([replace(base, interval=4.0)], startup_window=0))
+        sup.apply(config([replace(base, name="renamed")], startup_window=0))
+        await asyncio.sleep(0.05)
+        assert boxes.most["mail.test"] == 1 and len(boxes.polls) == 1
+        boxes.gate.set()
+        await until(lambda: "renamed" in boxes.polls)
+        assert boxes.most["mail.test"] == 1, "two pollers worked one mailbox at once"
+        assert set(sup.last) == {"renamed"}, "outcomes of replaced tasks do not come back"
+    assert await state.seen("renamed", "", 0) == {"uid-1"}
+    assert await state.seen("a", "", 0) == set()
+
+
+async def test_no_account_starts_once_stopping_and_usr1_leaves_parked_ones(state: State) -> None:
+    clock, boxes = Clock(), Mailboxes()
+    clock.hold = True
+    boxes.errors["parked"] = [PermanentError("bad password")]
+    sup = Supervisor(
+        config([acct("parked"), acct("fine")], startup_window=0),
+        state,
+        wait=clock.wait,
+        poll=boxes.poll,
+    )
+    task = asyncio.create_task(sup.run(grace=30))
+    await until(lambda: len(boxes.polls) == 2)
+    sup.poll_now()
+    await until(lambda: len(boxes.polls) == 3)
+    await asyncio.sleep(0.05)
+    assert boxes.polls.count("parked") == 1, "SIGUSR1 does not retry a wrong password"
+    sup.stop.set()
+    changes = sup.apply(config([acct("parked"), acct("fine"), acct("late")], startup_window=0))
+    assert changes.added == []
+    async with asyncio.timeout(5):  # far less than the grace: nothing was left running
+        await task
+    assert "late" not in boxes.polls
