@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiosmtplib
+import aiosmtplib.protocol
+import aiosmtplib.smtp
 
 from fetchd.config import Delivery
 from fetchd.errors import DeliveryDeferred, DeliveryUncertain
@@ -54,6 +56,35 @@ class Deliverer:
 
     def _deferred(self, reason: str) -> DeliveryDeferred:
         return DeliveryDeferred(f"{self.where}: delivery to {self.target} failed: {reason}")
+
+
+_slow_normalize = aiosmtplib.protocol.normalize_message_line_endings
+_slow_period = aiosmtplib.protocol.PERIOD_REGEX
+
+
+def normalize_line_endings(message: bytes) -> bytes:
+    """aiosmtplib's line-end normalisation, minus the regex pass when the message is already
+    CRLF throughout, as mail from IMAP and POP3 servers is: the regex was a quarter of the
+    delivery CPU. The result is the same bytes either way (tested)."""
+    crlf = message.count(b"\r\n")
+    if crlf == message.count(b"\n") == message.count(b"\r") and message.endswith(b"\r\n"):
+        return message
+    return _slow_normalize(message)
+
+
+class _PeriodStuffing:
+    """aiosmtplib's dot-stuffing (``PERIOD_REGEX.sub``), skipped when no line starts with a dot."""
+
+    def sub(self, replacement: bytes, message: bytes) -> bytes:
+        if not message.startswith(b".") and b"\n." not in message:
+            return message
+        return _slow_period.sub(replacement, message)
+
+
+# Installed once, for every connection: same bytes on the wire, a fraction of the CPU.
+aiosmtplib.protocol.normalize_message_line_endings = normalize_line_endings
+aiosmtplib.smtp.normalize_message_line_endings = normalize_line_endings  # type: ignore[attr-defined]
+aiosmtplib.protocol.PERIOD_REGEX = _PeriodStuffing()  # type: ignore[assignment]
 
 
 class _SMTP(aiosmtplib.SMTP):

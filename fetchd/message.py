@@ -21,7 +21,6 @@ _ADDRESS = re.compile(
     r"^[^\x00-\x20\x7f-\x9f<>()\[\],;:\\\"@]+(@[^\x00-\x20\x7f-\x9f<>()\[\],;\\\"@]+)?$"
 )
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
-_HIGH_BIT = re.compile(rb"[\x80-\xff]")
 
 
 def header_section(message: bytes) -> bytes:
@@ -110,7 +109,7 @@ def recipients_for(message: bytes, delivery: Delivery) -> tuple[str, ...]:
 
 
 def has_8bit(message: bytes) -> bool:
-    return _HIGH_BIT.search(message) is not None
+    return not message.isascii()
 
 
 def received_header(

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fetchd.deliver import _PeriodStuffing, _slow_normalize, _slow_period, normalize_line_endings
 from fetchd.message import envelope_sender, has_8bit, header_section, received_header
 
 
@@ -69,3 +71,11 @@ def test_received_header_is_a_single_folded_header_with_a_date() -> None:
     lines = text.split("\r\n")[:-1]
     assert all(line.startswith("\t") for line in lines[1:]), "continuation lines are folded"
     assert "\r\nX-Injected" not in text, "server-provided text cannot add a header"
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xff", b" "])))
+def test_fast_line_endings_and_dot_stuffing_give_the_same_bytes(parts: list[bytes]) -> None:
+    message = b"".join(parts)
+    assert normalize_line_endings(message) == _slow_normalize(message)
+    assert _PeriodStuffing().sub(b"..", message) == _slow_period.sub(b"..", message)
+    assert has_8bit(message) == (re.search(rb"[\x80-\xff]", message) is not None)
