@@ -1,5 +1,5 @@
-"""The command line: ``fetchd once``, ``run``, ``check``, ``status``, ``health``, ``probe`` and
-``oauth2 login``.
+"""The command line: ``fetchd once``, ``run``, ``check``, ``status``, ``health``, ``probe``,
+``oauth2 login`` and ``import-fetchmailrc``.
 
 Exit status: 0 when everything worked, 1 when an account failed (one line per account says
 why), 2 when the configuration is invalid.
@@ -28,6 +28,11 @@ EXIT_OK, EXIT_ACCOUNT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["import-fetchmailrc"]:  # its own argument parser, its own help
+        from fetchd.fetchmailrc import main as import_fetchmailrc
+
+        return import_fetchmailrc(argv[1:])
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     setup_logging(level, args.log_format)
@@ -101,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "health", parents=[common], help="exit 0 if the daemon for this configuration is alive"
+    )
+    sub.add_parser(
+        "import-fetchmailrc",
+        help="turn a .fetchmailrc into a fetchd configuration (see its --help)",
+        add_help=False,
     )
     o = sub.add_parser("oauth2", help="OAuth2 sign-in for accounts whose token fetchd refreshes")
     o_sub = o.add_subparsers(dest="oauth2_command", required=True, metavar="ACTION")
