@@ -23,7 +23,7 @@ from typing import Any, TextIO
 MAX_MESSAGE = 4096  # characters of a message (or traceback line) kept; the rest is only counted
 MAX_DETAIL = 16 * MAX_MESSAGE  # characters of a traceback kept: its top says where it started
 FORMATS = ("auto", "text", "json")
-NOISY = ("aioimaplib", "aioimaplib.aioimaplib", "aiosmtplib", "asyncio")
+NOISY = ("aioimaplib", "aioimaplib.aioimaplib", "aiosmtplib", "asyncio", "httpx", "httpcore")
 
 _JOURNAL_STREAM = re.compile(r"(\d+):(\d+)", re.ASCII)
 # json.dumps escapes C0 itself; these would still break a line or reach a terminal raw.

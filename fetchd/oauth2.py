@@ -118,11 +118,21 @@ def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).hostname or url
 
 
+def _quote_plus(text: str) -> str:
+    return urllib.parse.quote_plus(text)
+
+
+def _quote(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
 def _clean(text: str, hide: list[str], limit: int = 300) -> str:
     """Server text made safe for a log line: the first line, printable, bounded, secrets out."""
-    for item in sorted(hide, key=len, reverse=True):
-        if item:
-            text = text.replace(item, "********")
+    # Also as they look inside a form body an endpoint may quote back (a Google refresh
+    # token holds "/" and "+", which the form encodes).
+    forms = {f(item) for item in hide if item for f in (str, _quote_plus, _quote)}
+    for item in sorted(forms, key=len, reverse=True):
+        text = text.replace(item, "********")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return "".join(c if c.isprintable() else "?" for c in first)[:limit]
 
@@ -155,7 +165,11 @@ async def _post(
                 timeout=io_timeout, verify=_tls_context(), trust_env=False, follow_redirects=False
             ) as client,
             client.stream(
-                "POST", url, data=form, headers={"Accept": "application/json"}
+                # identity: a compressed answer would be inflated before the size cap applies
+                "POST",
+                url,
+                data=form,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
             ) as response,
         ):
             body = bytearray()
@@ -176,9 +190,10 @@ async def _post(
         failed = PermanentError if "certificate" in reason else TemporaryError
         raise failed(f"{where}: cannot reach the token endpoint {host}: {reason}") from None
     if 300 <= status < 400:
+        target = _host(location) if location else "nowhere"  # never the query: it may echo
         raise PermanentError(
             f"{where}: the token endpoint {host} redirects (HTTP {status}) to "
-            f"{_clean(location, hide, 200)}: check the token URL"
+            f"{_clean(target, hide, 200)}: check the token URL"
         )
     if status >= 500 or status in (408, 429):
         raise TemporaryError(f"{where}: the token endpoint {host} is unwell (HTTP {status})")

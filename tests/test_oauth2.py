@@ -13,6 +13,7 @@ import logging
 import stat
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -922,3 +923,19 @@ def test_login_for_an_account_without_refresh_settings(
     assert "refresh_token_file" in capsys.readouterr().err
     assert cli.main(["oauth2", "login", "nobody", "-c", str(config)]) == 2
     assert "no account named 'nobody'" in capsys.readouterr().err
+
+
+async def test_an_endpoint_quoting_the_form_back_leaks_no_secret(
+    configs: ConfigWriter, endpoint: TokenEndpoint
+) -> None:
+    """Google refresh tokens hold "/" and "+": quoted back in an error, they look different."""
+    async with mail_setup(configs, endpoint, mailbox={1: MESSAGE}) as setup:
+        token = "1//0gAbC+dEf/GhI=="
+        setup.refresh_file.write_text(token + "\n")
+        echo = f"grant_type=refresh_token&refresh_token={urllib.parse.quote_plus(token)}"
+        error = {"error": "invalid_request", "error_description": f"bad body: {echo}"}
+        endpoint.script = [(400, json.dumps(error))]
+        outcome = await poll(setup)
+    text = outcome.line()
+    assert "invalid_request" in text and "bad body" in text, text
+    assert urllib.parse.quote_plus(token) not in text and token not in text
