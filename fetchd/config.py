@@ -1078,28 +1078,8 @@ def _client_secret(o: _Section, env: Mapping[str, str]) -> Secret | None:
     key = given[0]
     value = o.text(key)
     if key == "client_secret_env":
-        secret = env.get(value)
-        if secret is None:
-            raise o.error(key, f"environment variable {value} is not set")
-        if not secret or re.search(r"[\x00\r\n]", secret):
-            raise o.error(key, f"environment variable {value} is empty or holds a line break")
-        return Secret(secret)
-    path = o.path(key, value)
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            raw = f.read(4096)
-    except OSError as e:
-        raise o.error(key, f"cannot read {path}: {e.strerror}") from None
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise o.error(key, f"{path} is readable or writable by everyone: chmod 600 it")
-    try:
-        secret = raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise o.error(key, f"{path} is not UTF-8 text") from None
-    if not secret or re.search(r"[\x00\r\n]", secret):
-        raise o.error(key, f"{path} is empty, holds more than one line, or a NUL byte")
-    return Secret(secret)
+        return _env_secret(o, key, value, env)
+    return _file_secret(o, key, o.path(key, value))
 
 
 def _delivery(ctx: _Ctx, d: _Section, warnings: list[str]) -> Delivery:
@@ -1385,12 +1365,21 @@ def _password(s: _Section, env: Mapping[str, str]) -> tuple[Secret, tuple[str, .
     if key == "password":
         return Secret(value), None
     if key == "password_env":
-        if value not in env:
-            raise s.error(key, f"environment variable {value} is not set")
-        if not env[value] or re.search(r"[\x00\r\n]", env[value]):
-            raise s.error(key, f"environment variable {value} is empty or holds a line break")
-        return Secret(env[value]), None
-    path = s.path(key, value)
+        return _env_secret(s, key, value, env), None
+    return _file_secret(s, key, s.path(key, value)), None
+
+
+def _env_secret(s: _Section, key: str, name: str, env: Mapping[str, str]) -> Secret:
+    """A secret from an environment variable: set, one line."""
+    if name not in env:
+        raise s.error(key, f"environment variable {name} is not set")
+    if not env[name] or re.search(r"[\x00\r\n]", env[name]):
+        raise s.error(key, f"environment variable {name} is empty or holds a line break")
+    return Secret(env[name])
+
+
+def _file_secret(s: _Section, key: str, path: str) -> Secret:
+    """A secret from the first line of a file that not everyone can read."""
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
@@ -1407,7 +1396,7 @@ def _password(s: _Section, env: Mapping[str, str]) -> tuple[Secret, tuple[str, .
         raise s.error(key, f"{path} is empty")
     if re.search(r"[\x00\r\n]", secret):
         raise s.error(key, f"{path} holds more than one line, or a NUL byte")
-    return Secret(secret), None
+    return Secret(secret)
 
 
 def _password_command(s: _Section, key: str, env: Mapping[str, str]) -> tuple[str, ...]:

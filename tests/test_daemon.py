@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from tests.support.dovecot import Dovecot
 from tests.support.sink import Sink, smtp_sink
 from tests.test_cli import fetchd
 from tests.test_interop import logins
+
+log = logging.getLogger("tests.daemon")
 
 
 @dataclass
@@ -101,6 +104,7 @@ async def daemon(
         await asyncio.sleep(0.1)
         listener.cancel()
         sock.close()
+        log.warning("fetchd log:\n%s", logfile.read_text(errors="replace")[-4000:])
 
 
 async def test_reload_signals_status_and_systemd(

@@ -7,47 +7,15 @@ import asyncio
 import logging
 import random
 import re
-import signal
 import statistics
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 from tests.conftest import ConfigWriter
 from tests.support.dovecot import Dovecot
 from tests.support.sink import Sink
+from tests.test_daemon import daemon
 
 log = logging.getLogger("tests.idle")
-
-
-@asynccontextmanager
-async def fetchd_run(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    logfile = config.parent / "fetchd.log"
-    # A file, not a pipe: a pipe nobody reads would block fetchd once full.
-    with open(logfile, "wb") as err:  # noqa: ASYNC230 - a quick local open
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fetchd",
-            "run",
-            "-c",
-            str(config),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        log.warning("fetchd log:\n%s", logfile.read_text(errors="replace")[-4000:])
 
 
 def idle_account(
@@ -69,7 +37,7 @@ async def test_new_mail_is_pushed_and_a_killed_connection_comes_back(
 ) -> None:
     dovecot.deliver(mailbox_user, [b"Subject: push 0\n\nalready there\n"])
     config = configs.write([idle_account(configs, dovecot, mailbox_user, sink.port)])
-    async with fetchd_run(config):
+    async with daemon(config):
         async with asyncio.timeout(30):
             await sink.wait_for(1)
         saved = time.monotonic()
@@ -95,7 +63,7 @@ async def test_two_hundred_accounts_idle_at_once(
         dovecot.deliver(user, [b"Subject: push 0\n\nhello\n"])
     config = configs.write([idle_account(configs, dovecot, u, sink.port) for u in users])
     rng = random.Random(200)
-    async with fetchd_run(config):
+    async with daemon(config):
         async with asyncio.timeout(120):
             await sink.wait_for(len(users))  # every account connected and caught up
         await asyncio.sleep(1)  # let the last ones settle into IDLE
