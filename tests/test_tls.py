@@ -463,3 +463,31 @@ async def test_encrypted_client_key_with_a_passphrase_file(
         client_key_password_file=str(phrase),
     )
     assert "is the key passphrase right" in str(outcome.error), outcome.line()
+
+
+async def test_tls_connections_keep_a_small_receive_buffer(
+    leaf: trustme.LeafCert, ca: trustme.CA
+) -> None:
+    """asyncio's default is 256 KiB per connection, zero-filled at once: a daemon holding 1,000
+    IDLE connections would spend 250 MiB on it."""
+    import fetchd.tls
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context(leaf))
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="localhost"
+        )
+        assert await reader.readline() == b"hello\r\n"
+        ssl_protocol = writer.transport._ssl_protocol  # type: ignore[attr-defined]
+        assert len(ssl_protocol._ssl_buffer) <= fetchd.tls._TLS_READ_BUFFER == 32 * 1024
+        writer.close()
+        await writer.wait_closed()

@@ -169,7 +169,11 @@ class POP3Connection:
             if len(self._buffer) - (self._buffer.rfind(b"\n") + 1) > self.max_line:
                 raise ProtocolError(f"line longer than {self.max_line} bytes")
             return None
-        body = bytes(self._buffer[start : m.start() + 1])  # keep the newline before the dot
+        with memoryview(self._buffer) as view:  # one copy, not two (a bytearray slice is one)
+            body = bytes(view[start : m.start() + 1])  # keep the newline before the dot
         del self._buffer[: m.end()]
         self._scanned = 0
-        return _UNSTUFF.sub(b"", body) if b"." in body else body
+        # Almost every message has a dot somewhere; few have one starting a line.
+        if body.startswith(b".") or b"\n." in body:
+            return _UNSTUFF.sub(b"", body)
+        return body
