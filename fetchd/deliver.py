@@ -15,9 +15,9 @@ import signal
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import aiosmtplib
+import aiosmtplib.email
 import aiosmtplib.protocol
 import aiosmtplib.smtp
 
@@ -48,7 +48,11 @@ class Deliverer:
     def target(self) -> str:
         return self.settings.target()
 
-    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
+    async def deliver(
+        self, message: bytes, sender: str, recipients: Sequence[str], *, prefix: bytes = b""
+    ) -> Replies:
+        """``prefix`` (header lines ending with CRLF) goes before ``message``, without making
+        a copy of it."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -84,17 +88,96 @@ class _PeriodStuffing:
 # Installed once, for every connection: same bytes on the wire, a fraction of the CPU.
 aiosmtplib.protocol.normalize_message_line_endings = normalize_line_endings
 aiosmtplib.smtp.normalize_message_line_endings = normalize_line_endings  # type: ignore[attr-defined]
-aiosmtplib.protocol.PERIOD_REGEX = _PeriodStuffing()  # type: ignore[assignment]
+_STUFFING = _PeriodStuffing()
+aiosmtplib.protocol.PERIOD_REGEX = _STUFFING  # type: ignore[assignment]
+
+
+_CHUNK = 256 * 1024  # written at a time: the socket's send buffer, not a copy, holds the rest
+
+
+def _wire(parts: Sequence[bytes]) -> list[bytes]:
+    """The parts as they go after DATA: CRLF line ends, dot-stuffed, ending with CRLF.
+
+    Every part but the last must end with CRLF, so no line end and no line start spans two
+    parts and each can be prepared alone. Clean mail, as servers send it, is not copied.
+    """
+    for part in parts[:-1]:
+        if not part.endswith(b"\r\n"):
+            raise ValueError("a message part that is not the last must end with CRLF")
+    return [_STUFFING.sub(b"..", normalize_line_endings(p)) for p in parts if p] or [b"\r\n"]
 
 
 class _SMTP(aiosmtplib.SMTP):
-    """Remembers whether DATA was started, to tell "not sent" from "sent, reply lost"."""
+    """aiosmtplib with a DATA phase that sends the message in parts and slices, under flow
+    control, so a 25 MiB message is never copied whole (aiosmtplib appends the final dot to a
+    copy and hands the socket everything at once, whose buffer then copies the rest), and that
+    remembers whether DATA was started, to tell "not sent" from "sent, reply lost"."""
 
     data_started = False
 
-    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+    async def transact(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        parts: Sequence[bytes],
+        options: Sequence[str],
+        reply_timeout: float,
+    ) -> dict[str, aiosmtplib.SMTPResponse]:
+        """MAIL, RCPT for each recipient, DATA: the recipients refused, as sendmail(). Each
+        reply, and the sending of the message, may take ``reply_timeout`` seconds."""
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        for address in (sender, *recipients):  # all checked before any is sent
+            aiosmtplib.email.parse_address(address)
+        await self._ehlo_or_helo_if_needed()
+        wire = _wire(parts)
+        mail_options = list(options)
+        if self.supports_extension("size"):
+            mail_options.insert(0, f"SIZE={sum(map(len, wire))}")
+        refused: dict[str, aiosmtplib.SMTPResponse] = {}
+        try:
+            await self.mail(sender, options=mail_options, encoding=encoding, timeout=reply_timeout)
+            for rcpt in recipients:
+                try:
+                    await self.rcpt(rcpt, encoding=encoding, timeout=reply_timeout)
+                except aiosmtplib.SMTPRecipientRefused as e:
+                    refused[rcpt] = aiosmtplib.SMTPResponse(e.code, e.message)
+            if len(refused) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(
+                    [
+                        aiosmtplib.SMTPRecipientRefused(r.code, r.message, a)
+                        for a, r in refused.items()
+                    ]
+                )
+            await self._data(wire, reply_timeout)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+                await self.rset(timeout=reply_timeout)  # a clean envelope for the next message
+            raise
+        return refused
+
+    async def _data(self, wire: list[bytes], reply_timeout: float) -> None:
         self.data_started = True
-        return await super().data(*args, **kwargs)
+        reply = await self.execute_command(b"DATA", timeout=reply_timeout)
+        if reply.code != 354:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        protocol = self.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        try:
+            async with asyncio.timeout(reply_timeout):
+                for part in wire:
+                    view = memoryview(part)
+                    for start in range(0, len(view), _CHUNK):
+                        protocol.write(view[start : start + _CHUNK])  # type: ignore[arg-type]
+                        await protocol._drain_helper()  # waits while the socket is full
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("timed out sending the message") from None
+        except ConnectionError as e:
+            raise aiosmtplib.SMTPServerDisconnected(f"connection lost: {e}") from None
+        protocol.write(b".\r\n")
+        reply = await protocol.read_response(timeout=reply_timeout)
+        if reply.code != 250:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
 
 
 class SMTPDeliverer(Deliverer):
@@ -167,11 +250,14 @@ class SMTPDeliverer(Deliverer):
             verify=tls.verify,
         )
 
-    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
+    async def deliver(
+        self, message: bytes, sender: str, recipients: Sequence[str], *, prefix: bytes = b""
+    ) -> Replies:
         await self._ensure_connected()
         smtp = self._smtp
         options: list[str] = []
-        if has_8bit(message) and smtp.supports_extension("8bitmime"):
+        parts = (prefix, message) if prefix else (message,)
+        if any(has_8bit(p) for p in parts) and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if not (sender.isascii() and all(r.isascii() for r in recipients)):
             if not smtp.supports_extension("smtputf8"):
@@ -180,11 +266,11 @@ class SMTPDeliverer(Deliverer):
             options.append("SMTPUTF8")
         self._sent_on_connection += 1
         if not self.lmtp:
-            return await self._transaction(sender, list(recipients), message, options)
+            return await self._transaction(sender, list(recipients), parts, options)
         replies: Replies = {}
         for rcpt in recipients:
             try:
-                replies.update(await self._transaction(sender, [rcpt], message, options))
+                replies.update(await self._transaction(sender, [rcpt], parts, options))
             except DeliveryDeferred as e:  # those that did accept are not sent it again
                 e.accepted = tuple(r for r, (code, _) in replies.items() if 200 <= code < 300)
                 raise
@@ -195,12 +281,12 @@ class SMTPDeliverer(Deliverer):
         return replies
 
     async def _transaction(
-        self, sender: str, recipients: list[str], message: bytes, options: list[str]
+        self, sender: str, recipients: list[str], parts: Sequence[bytes], options: list[str]
     ) -> Replies:
         self._smtp.data_started = False
         try:
-            refused, _ = await self._smtp.sendmail(
-                sender, recipients, message, mail_options=options, timeout=self.settings.timeout
+            refused = await self._smtp.transact(
+                sender, recipients, parts, options, reply_timeout=self.settings.timeout
             )
         except aiosmtplib.SMTPRecipientsRefused as e:
             return {r.recipient: (r.code, r.message) for r in e.recipients}
@@ -236,10 +322,12 @@ class MDADeliverer(Deliverer):
     percent sign. Exit 0 means delivered, 75 (EX_TEMPFAIL) try later, anything else refused.
     """
 
-    async def deliver(self, message: bytes, sender: str, recipients: Sequence[str]) -> Replies:
+    async def deliver(
+        self, message: bytes, sender: str, recipients: Sequence[str], *, prefix: bytes = b""
+    ) -> Replies:
         per_recipient = any("%T" in arg for arg in self.settings.mda)
         groups = [[r] for r in recipients] if per_recipient else [list(recipients)]
-        data = message.replace(b"\r\n", b"\n")
+        data = (prefix + message).replace(b"\r\n", b"\n")
         replies: Replies = {}
         for group in groups:
             argv = [

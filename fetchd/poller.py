@@ -227,27 +227,24 @@ class Poller:
         a, d = self.account, self.account.deliver
         recipients = recipients_for(body, d)
         sender = d.sender if d.sender is not None else envelope_sender(body)
-        message = body
+        prefix = b""  # sent before the body, not joined to it: no copy of a big message
         if d.received_header:
-            message = (
-                received_header(
-                    server=a.host,
-                    server_ip=peer,
-                    local_host=self.delivery.local_hostname,
-                    protocol=protocol,
-                    tls=tls,
-                    recipients=recipients,
-                    message_id=ident,
-                    account=a.name,
-                )
-                + body
+            prefix = received_header(
+                server=a.host,
+                server_ip=peer,
+                local_host=self.delivery.local_hostname,
+                protocol=protocol,
+                tls=tls,
+                recipients=recipients,
+                message_id=ident,
+                account=a.name,
             )
         self.result.fetched += 1
         self.result.bytes += len(body)
         if not recipients:  # multidrop found no local address and there is no fallback
             header = d.multidrop.header if d.multidrop else "the envelope"
             return await self._refused(
-                message,
+                (prefix, body),
                 sender,
                 {"(nobody)": (550, f"no local recipient in {header}")},
                 folder=folder,
@@ -263,7 +260,9 @@ class Poller:
         done = await self.state.delivered_to(a.name, folder, uidvalidity, key)
         pending = [r for r in recipients if r not in done]
         try:
-            replies = await self.delivery.deliver(message, sender, pending) if pending else {}
+            replies = (
+                await self.delivery.deliver(body, sender, pending, prefix=prefix) if pending else {}
+            )
         except DeliveryDeferred as e:
             if e.accepted:
                 await self.state.record_partial(a.name, folder, uidvalidity, key, e.accepted)
@@ -283,7 +282,7 @@ class Poller:
             )
         if refused:
             return await self._refused(
-                message,
+                (prefix, body),
                 sender,
                 refused,
                 folder=folder,
@@ -314,7 +313,7 @@ class Poller:
 
     async def _refused(
         self,
-        message: bytes,
+        message: tuple[bytes, bytes],
         sender: str,
         refused: dict[str, tuple[int, str]],
         *,
@@ -330,7 +329,8 @@ class Poller:
         text = f"{self.where}: the MTA at {self.delivery.target} refused message {ident}: "
         text += _replies(refused)
         if action == "redirect" and d.quarantine:
-            replies = await self.delivery.deliver(message, sender, [d.quarantine])
+            prefix, body = message
+            replies = await self.delivery.deliver(body, sender, [d.quarantine], prefix=prefix)
             qcode, qtext = replies.get(d.quarantine, (451, "no reply"))
             if 200 <= qcode < 300:
                 log.warning("%s; sent to the quarantine %s instead", text, d.quarantine)

@@ -8,12 +8,14 @@ import os
 import stat
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fetchd.errors import DeliveryDeferred, DeliveryUncertain
+from fetchd.supervisor import Outcome
 from tests.conftest import ConfigWriter, as_delivered, corpus_messages, strip_received
 from tests.support.dovecot import Dovecot
 from tests.support.sink import smtp_sink
@@ -392,10 +394,15 @@ async def test_slow_final_reply(
     )
 
 
-async def test_connection_dropped_mid_data_keeps_the_message(
-    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
-) -> None:
-    dovecot.deliver(mailbox_user, [b"Subject: cut\n\n" + b"a long line of text\n" * 5000])
+async def poll_through_mta(
+    configs: ConfigWriter,
+    dovecot: Dovecot,
+    user: str,
+    on_data: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]],
+    **deliver: Any,
+) -> Outcome:
+    """One poll into a scripted MTA that accepts the envelope; after its 354 to DATA,
+    ``on_data`` has the line, and ends the session by returning False."""
 
     async def mta(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 mta.test ESMTP\r\n")
@@ -403,27 +410,64 @@ async def test_connection_dropped_mid_data_keeps_the_message(
             if line.upper().startswith(b"DATA"):
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
-                await reader.read(1000)  # a little of the message, then the line drops
-                writer.transport.abort()
-                return
-            writer.write(
-                b"250-mta.test\r\n250 8BITMIME\r\n"
-                if line.upper().startswith(b"EHLO")
-                else b"250 ok\r\n"
-            )
+                if not await on_data(reader, writer):
+                    return
+            else:
+                ehlo = line.upper().startswith(b"EHLO")
+                writer.write(b"250-mta.test\r\n250 8BITMIME\r\n" if ehlo else b"250 ok\r\n")
             await writer.drain()
 
     server = await asyncio.start_server(mta, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        config = account(
-            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["u@localhost"]
-        )
-        (outcome,) = await poll_once(config)
+        smtp = f"127.0.0.1:{port}"
+        config = account(configs, dovecot, user, smtp=smtp, to=["u@localhost"], **deliver)
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
     finally:
         server.close()
+    return outcome
+
+
+async def test_connection_dropped_mid_data_keeps_the_message(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: cut\n\n" + b"a long line of text\n" * 5000])
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await reader.read(1000)  # a little of the message, then the line drops
+        writer.transport.abort()
+        return False
+
+    outcome = await poll_through_mta(configs, dovecot, mailbox_user, drop)
     assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
     assert dovecot.count(mailbox_user) == 1
+
+
+async def test_mta_that_stops_reading_mid_message_times_out_and_keeps_it(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    """The message is sent in slices under flow control; an MTA that stops reading fills the
+    socket, and the reply timeout still ends the wait."""
+    dovecot.deliver(mailbox_user, [b"Subject: small\n\nfirst\n"])
+    dovecot.deliver(mailbox_user, [b"Subject: big\n\n" + (b"y" * 998 + b"\n") * 16000])
+    taken = 0
+
+    async def stall_on_the_second(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        nonlocal taken
+        if taken:  # read nothing more, hold the line
+            await asyncio.sleep(30)
+            return False
+        await reader.readuntil(b"\r\n.\r\n")
+        taken += 1
+        writer.write(b"250 queued\r\n")
+        return True
+
+    outcome = await poll_through_mta(configs, dovecot, mailbox_user, stall_on_the_second, timeout=2)
+    assert isinstance(outcome.error, DeliveryUncertain), outcome.line()
+    assert "timed out sending the message" in outcome.line()
+    assert dovecot.count(mailbox_user) == 1, "the first is delivered and deleted, not the second"
 
 
 async def _silent_after_the_dot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

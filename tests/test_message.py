@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fetchd.deliver import _PeriodStuffing, _slow_normalize, _slow_period, normalize_line_endings
+from fetchd.deliver import (
+    _PeriodStuffing,
+    _slow_normalize,
+    _slow_period,
+    _wire,
+    normalize_line_endings,
+)
 from fetchd.message import envelope_sender, has_8bit, header_section, received_header
 
 
@@ -79,3 +85,24 @@ def test_fast_line_endings_and_dot_stuffing_give_the_same_bytes(parts: list[byte
     assert normalize_line_endings(message) == _slow_normalize(message)
     assert _PeriodStuffing().sub(b"..", message) == _slow_period.sub(b"..", message)
     assert has_8bit(message) == (re.search(rb"[\x80-\xff]", message) is not None)
+
+
+_PIECES = [b"a", b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xff", b" ", b"X: y\r\n"]
+
+
+@given(st.lists(st.sampled_from(_PIECES)), st.lists(st.sampled_from(_PIECES)))
+def test_a_message_sent_in_parts_is_the_bytes_aiosmtplib_would_send_whole(
+    head: list[bytes], parts: list[bytes]
+) -> None:
+    """The Received: header goes as its own part, and the body is not copied to join it."""
+    prefix = b"".join(head)
+    if prefix and not prefix.endswith(b"\r\n"):
+        prefix += b"\r\n"
+    body = b"".join(parts)
+    whole = _slow_period.sub(b"..", _slow_normalize(prefix + body))
+    assert b"".join(_wire([prefix, body] if prefix else [body])) == whole
+
+
+def test_only_the_last_part_may_end_without_crlf() -> None:
+    with pytest.raises(ValueError, match="must end with CRLF"):
+        _wire([b"Received: x", b"body\r\n"])
