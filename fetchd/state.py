@@ -117,6 +117,9 @@ _ACCOUNT_TABLES = (
 )
 
 
+_SeenRow = tuple[str, str, int, str, float, str | None]
+
+
 class State:
     """The state database. Open with :meth:`open`, close with :meth:`close`."""
 
@@ -125,6 +128,11 @@ class State:
         self._db = db
         self._executor = executor
         self._lock: int | None = None
+        # Deliveries recorded by many pollers at once share one transaction (group commit).
+        self._records: list[tuple[_SeenRow, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Partial deliveries are rare: while none was ever stored, delivered_to() need not ask.
+        self._partials = True
 
     @classmethod
     async def open(cls, path: str, *, lock: bool = False) -> State:
@@ -142,12 +150,17 @@ class State:
             raise
         state = cls(path, db, executor)
         state._lock = fd
+        state._partials = await state._run(
+            lambda db: db.execute("SELECT 1 FROM partial LIMIT 1").fetchone() is not None
+        )
         return state
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
 
     async def close(self) -> None:
+        if self._committer is not None:
+            await asyncio.wait([self._committer])  # what record() has in hand is committed first
         await self._run(lambda db: db.close())
         self._executor.shutdown(wait=True)
         if self._lock is not None:
@@ -232,23 +245,49 @@ class State:
     ) -> None:
         """Remember a delivered message; committed when this returns. The digest of its bytes
         lets a folder whose UIDVALIDITY changed be fetched again without duplicates."""
-        now = time.time()
-        key = (account, folder, uidvalidity, uid)
+        done = asyncio.get_running_loop().create_future()
+        self._records.append(((account, folder, uidvalidity, uid, time.time(), digest), done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_records())
+        await done
 
-        def q(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute(
-                    "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?, ?)", (*key, now, digest)
-                )
-                db.execute(
-                    "DELETE FROM partial WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
-                    key,
-                )
+    async def _commit_records(self) -> None:
+        """Commit every record() waiting, in one transaction, until none is left: with 200
+        accounts delivering at once, one commit serves many messages."""
+        while self._records:
+            batch, self._records = self._records, []
+            rows = [row for row, _ in batch]
 
-        await self._run(q)
+            def q(db: sqlite3.Connection, rows: list[_SeenRow] = rows) -> None:
+                with db:
+                    db.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    if self._partials:
+                        db.executemany(
+                            "DELETE FROM partial "
+                            "WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
+                            [row[:4] for row in rows],
+                        )
+
+            try:
+                await self._run(q)
+            except asyncio.CancelledError:
+                for _, done in batch:
+                    done.cancel()
+                raise
+            except Exception as e:  # each waiter hears of it; none is told "committed"
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def delivered_to(self, account: str, folder: str, uidvalidity: int, uid: str) -> set[str]:
         """Recipients that already accepted a message not yet delivered to all of them."""
+
+        if not self._partials:
+            return set()
 
         def q(db: sqlite3.Connection) -> set[str]:
             rows = db.execute(
@@ -265,6 +304,8 @@ class State:
     ) -> None:
         """Remember recipients that accepted, so a retry goes only to the others."""
         rows = [(account, folder, uidvalidity, uid, r) for r in recipients]
+        if rows:
+            self._partials = True
 
         def q(db: sqlite3.Connection) -> None:
             with db:

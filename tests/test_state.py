@@ -1,0 +1,61 @@
+"""The state database on its own: group commit and the partial-delivery shortcut."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fetchd.state import State
+
+
+async def test_records_made_at_once_are_all_committed(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    state = await State.open(path)
+    await asyncio.gather(*(state.record("a", "INBOX", 7, str(uid), "d") for uid in range(200)))
+    # Committed when record() returns: another connection sees every row at once.
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT count(*) FROM seen").fetchone() == (200,)
+    await state.close()
+
+
+async def test_close_commits_the_records_in_hand(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    state = await State.open(path)
+    pending = [asyncio.create_task(state.record("a", "INBOX", 7, str(uid))) for uid in range(50)]
+    await asyncio.sleep(0)  # the records are queued, not yet committed
+    await state.close()
+    await asyncio.gather(*pending)
+    state = await State.open(path)
+    assert await state.seen("a", "INBOX", 7) == {str(uid) for uid in range(50)}
+    await state.close()
+
+
+async def test_a_failed_commit_fails_every_record_in_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    state = await State.open(path)
+    await state._run(lambda db: db.execute("DROP TABLE seen"))  # every insert now fails
+    results = await asyncio.gather(
+        *(state.record("a", "INBOX", 7, str(uid)) for uid in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
+    await state.close()
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+async def test_partial_deliveries_are_found_also_from_an_earlier_run(
+    tmp_path: Path, reopen: bool
+) -> None:
+    path = str(tmp_path / "state.db")
+    state = await State.open(path)
+    assert await state.delivered_to("a", "INBOX", 7, "1") == set()
+    await state.record_partial("a", "INBOX", 7, "1", ["x@test"])
+    if reopen:
+        await state.close()
+        state = await State.open(path)
+    assert await state.delivered_to("a", "INBOX", 7, "1") == {"x@test"}
+    await state.record("a", "INBOX", 7, "1")
+    assert await state.delivered_to("a", "INBOX", 7, "1") == set(), "done: no longer partial"
+    await state.close()
