@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -66,13 +67,22 @@ _slow_normalize = aiosmtplib.protocol.normalize_message_line_endings
 _slow_period = aiosmtplib.protocol.PERIOD_REGEX
 
 
+_NOT_LINE_ENDS = bytes(sorted(set(range(256)) - {0x0D, 0x0A}))
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
 def normalize_line_endings(message: bytes) -> bytes:
     """aiosmtplib's line-end normalisation, minus the regex pass when the message is already
     CRLF throughout, as mail from IMAP and POP3 servers is: the regex was a quarter of the
-    delivery CPU. The result is the same bytes either way (tested)."""
-    crlf = message.count(b"\r\n")
-    if crlf == message.count(b"\n") == message.count(b"\r") and message.endswith(b"\r\n"):
-        return message
+    delivery CPU. The result is the same bytes either way (tested).
+
+    CRLF throughout: its CRs and LFs alternate, CR first, and every CR is followed by an LF
+    (then every LF follows a CR). Two passes at C speed, twice as fast as counting each kind.
+    """
+    if message.endswith(b"\r\n"):
+        ends = message.translate(None, _NOT_LINE_ENDS)
+        if ends == b"\r\n" * (len(ends) // 2) and not _LONE_CR.search(message):
+            return message
     return _slow_normalize(message)
 
 

@@ -4,7 +4,7 @@ import re
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fetchd.deliver import (
@@ -79,6 +79,9 @@ def test_received_header_is_a_single_folded_header_with_a_date() -> None:
     assert "\r\nX-Injected" not in text, "server-provided text cannot add a header"
 
 
+@example([b"a", b"\r", b"b", b"\n", b"c", b"\r\n"])  # CR and LF alternate, not adjacent
+@example([b"\r", b"\r\n", b"\n"])
+@example([b"a", b"\r\n", b"\r"])
 @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\x00", b"\xff", b" "])))
 def test_fast_line_endings_and_dot_stuffing_give_the_same_bytes(parts: list[bytes]) -> None:
     message = b"".join(parts)
