@@ -102,6 +102,68 @@ _STUFFING = _PeriodStuffing()
 aiosmtplib.protocol.PERIOD_REGEX = _STUFFING  # type: ignore[assignment]
 
 
+class _Protocol(aiosmtplib.protocol.SMTPProtocol):
+    """aiosmtplib's protocol, able to read the replies to commands written at once (RFC 2920
+    PIPELINING): aiosmtplib parses one reply per read and drops what comes while a parsed
+    reply waits, which is right for one command at a time and loses replies otherwise."""
+
+    _expected = 0  # replies still to come to pipelined commands
+
+    def data_received(self, data: bytes) -> None:
+        if not self._expected:
+            super().data_received(data)
+            return
+        self._buffer.extend(data)
+        waiter = self._response_waiter
+        if len(self._buffer) > aiosmtplib.protocol.MAX_RESPONSE_LENGTH * self._expected:
+            del self._buffer[:]
+            if waiter is not None and not waiter.done():
+                self._set_response_exception(
+                    waiter, aiosmtplib.SMTPResponseException(-1, "Response too long")
+                )
+            elif self.transport is not None:
+                self.transport.close()  # the reply read next finds the line gone
+            return
+        if waiter is None or waiter.done():
+            return  # pipeline() takes it from the buffer
+        try:
+            reply = self._read_response_from_buffer()
+        except Exception as e:
+            self._set_response_exception(waiter, e)
+        else:
+            if reply is not None:
+                waiter.set_result(reply)
+
+    async def pipeline(
+        self, commands: Sequence[bytes], reply_timeout: float
+    ) -> list[aiosmtplib.SMTPResponse]:
+        """Write the commands in one go and return their replies, in order."""
+        for command in commands:
+            if _CONTROL.search(command.removesuffix(b"\r\n")):
+                raise ValueError("Command arg contains a prohibited control character")
+        if self._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        replies: list[aiosmtplib.SMTPResponse] = []
+        async with self._command_lock:
+            self._expected = len(commands)
+            try:
+                self._response_pending = True
+                self.write(b"".join(commands))
+                while self._expected:
+                    reply = self._read_response_from_buffer()
+                    if reply is None:  # not all here yet: wait for more
+                        reply = await self.read_response(timeout=reply_timeout)
+                    replies.append(reply)
+                    self._expected -= 1
+            finally:
+                self._expected = 0
+                del self._buffer[:]  # more replies than commands: dropped, as aiosmtplib does
+        return replies
+
+
+_CONTROL = aiosmtplib.protocol.COMMAND_INJECTION_REGEX
+aiosmtplib.smtp.SMTPProtocol = _Protocol  # type: ignore[attr-defined]
+
 _CHUNK = 256 * 1024  # written at a time: the socket's send buffer, not a copy, holds the rest
 
 
@@ -143,6 +205,10 @@ class _SMTP(aiosmtplib.SMTP):
         mail_options = list(options)
         if self.supports_extension("size"):
             mail_options.insert(0, f"SIZE={sum(map(len, wire))}")
+        if self.supports_extension("pipelining"):
+            return await self._pipelined(
+                sender, recipients, wire, mail_options, encoding, reply_timeout
+            )
         refused: dict[str, aiosmtplib.SMTPResponse] = {}
         try:
             await self.mail(sender, options=mail_options, encoding=encoding, timeout=reply_timeout)
@@ -165,6 +231,57 @@ class _SMTP(aiosmtplib.SMTP):
             raise
         return refused
 
+    async def _pipelined(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        wire: list[bytes],
+        options: list[str],
+        encoding: str,
+        reply_timeout: float,
+    ) -> dict[str, aiosmtplib.SMTPResponse]:
+        """MAIL, every RCPT and DATA in one write, one round trip (RFC 2920)."""
+        protocol = self.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        assert isinstance(protocol, _Protocol)
+
+        def command(verb: bytes, address: str, opts: Sequence[str] = ()) -> bytes:
+            quoted = aiosmtplib.email.quote_address(address).encode(encoding)
+            return b" ".join([verb + quoted, *(o.encode("ascii") for o in opts)]) + b"\r\n"
+
+        commands = [command(b"MAIL FROM:", sender, options)]
+        commands += [command(b"RCPT TO:", rcpt) for rcpt in recipients]
+        self.data_started = True  # from here on, the MTA may end up with the message
+        mail, *rcpts, data = await protocol.pipeline([*commands, b"DATA\r\n"], reply_timeout)
+        refused = {
+            rcpt: reply
+            for rcpt, reply in zip(recipients, rcpts, strict=True)
+            if reply.code not in (250, 251)
+        }
+        try:
+            if data.code == 354 and (mail.code != 250 or len(refused) == len(recipients)):
+                # DATA was taken although nobody will get the message: end it empty (RFC 2920).
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout=reply_timeout)
+            if mail.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
+            if len(refused) == len(recipients):
+                raise aiosmtplib.SMTPRecipientsRefused(
+                    [
+                        aiosmtplib.SMTPRecipientRefused(r.code, r.message, a)
+                        for a, r in refused.items()
+                    ]
+                )
+            if data.code != 354:
+                raise aiosmtplib.SMTPDataError(data.code, data.message)
+            await self._send_message(protocol, wire, reply_timeout)
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+                await self.rset(timeout=reply_timeout)  # a clean envelope for the next message
+            raise
+        return refused
+
     async def _data(self, wire: list[bytes], reply_timeout: float) -> None:
         self.data_started = True
         reply = await self.execute_command(b"DATA", timeout=reply_timeout)
@@ -173,18 +290,31 @@ class _SMTP(aiosmtplib.SMTP):
         protocol = self.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        await self._send_message(protocol, wire, reply_timeout)
+
+    @staticmethod
+    async def _send_message(
+        protocol: aiosmtplib.protocol.SMTPProtocol, wire: list[bytes], reply_timeout: float
+    ) -> None:
+        """The message after DATA's 354, in slices under flow control, then its final dot."""
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        slices = [
+            memoryview(part)[start : start + _CHUNK]
+            for part in wire
+            for start in range(0, len(part), _CHUNK)
+        ]
+        last = bytes(slices.pop()) + b".\r\n"  # the dot in the same write: one syscall less
         try:
             async with asyncio.timeout(reply_timeout):
-                for part in wire:
-                    view = memoryview(part)
-                    for start in range(0, len(view), _CHUNK):
-                        protocol.write(view[start : start + _CHUNK])  # type: ignore[arg-type]
-                        await protocol._drain_helper()  # waits while the socket is full
+                for piece in slices:
+                    protocol.write(piece)  # type: ignore[arg-type]
+                    await protocol._drain_helper()  # waits while the socket is full
         except TimeoutError:
             raise aiosmtplib.SMTPTimeoutError("timed out sending the message") from None
         except ConnectionError as e:
             raise aiosmtplib.SMTPServerDisconnected(f"connection lost: {e}") from None
-        protocol.write(b".\r\n")
+        protocol.write(last)
         reply = await protocol.read_response(timeout=reply_timeout)
         if reply.code != 250:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)

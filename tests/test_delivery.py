@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import stat
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fetchd.deliver import _Protocol
 from fetchd.errors import DeliveryDeferred, DeliveryUncertain
 from fetchd.supervisor import Outcome
 from tests.conftest import ConfigWriter, as_delivered, corpus_messages, strip_received
@@ -561,3 +563,164 @@ async def test_slow_final_reply_with_dedupe_is_not_delivered_twice(
     assert outcome.ok, outcome.line()
     assert sink.connections == 1, "the second poll did not offer the message again"
     assert dovecot.count(mailbox_user) == 1
+
+
+class PipeliningMTA:
+    """A scripted MTA that offers PIPELINING and answers the envelope all at once, in one
+    write, or one byte at a time; ``replies`` maps a command's start to its reply."""
+
+    def __init__(self, chunking: str = "together", replies: dict[bytes, bytes] | None = None):
+        self.chunking = chunking
+        self.replies = replies or {}
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    def reply(self, line: bytes) -> bytes:
+        for start, reply in self.replies.items():
+            if line.upper().startswith(start):
+                return reply
+        return b"354 go ahead\r\n" if line.upper().startswith(b"DATA") else b"250 ok\r\n"
+
+    async def send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        pieces = [data[i : i + 1] for i in range(len(data))] if self.chunking == "bytes" else [data]
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            if self.chunking == "bytes":
+                await asyncio.sleep(0.001)
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mta.test ESMTP\r\n")
+        pending = b""
+        while line := await reader.readline():
+            command = line.rstrip(b"\r\n")
+            self.commands.append(command)
+            if command.upper().startswith(b"EHLO"):
+                writer.write(b"250-mta.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                continue
+            reply = self.reply(command)
+            pending += reply
+            if command.upper().startswith((b"MAIL", b"RCPT")):
+                continue  # answered with DATA's reply, in one go
+            await self.send(writer, pending)
+            pending = b""
+            if command.upper() == b"DATA" and reply.startswith(b"354"):
+                data = b""
+                while (data_line := await reader.readline()) not in (b".\r\n", b""):
+                    data += data_line
+                self.messages.append(data + data_line)
+                await self.send(writer, self.replies.get(b".", b"250 queued\r\n"))
+
+
+@pytest.mark.parametrize("chunking", ["together", "bytes"])
+async def test_pipelined_envelope_delivers_byte_exact(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, chunking: str
+) -> None:
+    """MAIL, RCPT and DATA go in one write; their replies may come together or a byte at a
+    time, and each is matched to its command."""
+    messages = list(corpus_messages().values())[:8]
+    dovecot.deliver(mailbox_user, messages)
+    mta = PipeliningMTA(chunking)
+    server = await asyncio.start_server(mta, "127.0.0.1", 0, limit=1 << 24)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        smtp = f"127.0.0.1:{port}"
+        config = account(
+            configs, dovecot, mailbox_user, smtp=smtp, to=["a@localhost", "b@localhost"]
+        )
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
+    finally:
+        server.close()
+    assert outcome.ok, outcome.line()
+    delivered = [strip_received(m.removesuffix(b".\r\n"))[1] for m in mta.messages]
+    assert delivered == [re.sub(rb"(?m)^\.", b"..", as_delivered(m)) for m in messages]
+    assert dovecot.count(mailbox_user) == 0
+    assert mta.commands.count(b"RSET") == 0
+
+
+@pytest.mark.parametrize(
+    ("replies", "refused"),
+    [
+        (
+            {
+                b"MAIL": b"550 5.7.1 sender refused\r\n",
+                b"RCPT": b"503 no MAIL\r\n",
+                b"DATA": b"503 no\r\n",
+            },
+            "550",
+        ),
+        (
+            {b"RCPT": b"550 5.1.1 no such user\r\n", b"DATA": b"554 5.5.1 no valid recipients\r\n"},
+            "no such user",
+        ),
+        (
+            {
+                b"RCPT": b"550 5.1.1 no such user\r\n",
+                b"DATA": b"354 go on\r\n",
+                b".": b"554 no valid recipients\r\n",
+            },
+            "no such user",
+        ),
+    ],
+    ids=["mail refused", "every rcpt refused", "every rcpt refused, DATA taken"],
+)
+async def test_pipelined_refusals_keep_the_message(
+    dovecot: Dovecot,
+    mailbox_user: str,
+    configs: ConfigWriter,
+    replies: dict[bytes, bytes],
+    refused: str,
+) -> None:
+    dovecot.deliver(mailbox_user, [b"Subject: refused\n\nbody\n"])
+    mta = PipeliningMTA(replies=replies)
+    server = await asyncio.start_server(mta, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = account(
+            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["a@localhost"]
+        )
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
+    finally:
+        server.close()
+    assert outcome.result is not None and outcome.result.rejected == 1, outcome.line()
+    assert refused in " ".join(outcome.result.problems)
+    assert dovecot.count(mailbox_user) == 1, "refused for good: kept on the server"
+    # A DATA that was taken anyway is ended empty, never with the message in it.
+    assert all(m == b".\r\n" for m in mta.messages)
+    assert b"RSET" in mta.commands, "the envelope is reset for the next message"
+
+
+async def test_pipelined_replies_arriving_before_the_reader_resumes_are_kept() -> None:
+    """aiosmtplib drops what arrives while a parsed reply waits to be picked up; with several
+    commands in flight that is the next reply, and the transaction would hang."""
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written = b""
+
+        def write(self, data: Any) -> None:
+            self.written += bytes(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    protocol = _Protocol(loop=asyncio.get_running_loop())
+    transport = Transport()
+    protocol.connection_made(transport)
+    commands = [b"MAIL FROM:<a@test>\r\n", b"RCPT TO:<b@test>\r\n", b"DATA\r\n"]
+    task = asyncio.create_task(protocol.pipeline(commands, 5))
+    await asyncio.sleep(0)
+    assert transport.written == b"".join(commands), "all three in one write"
+    protocol.data_received(b"250 sender ok\r\n")  # the reader is woken, but has not run yet
+    protocol.data_received(b"250 rcpt ok\r\n354 go")
+    protocol.data_received(b" ahead\r\n")
+    replies = await asyncio.wait_for(task, 5)
+    assert [(r.code, r.message) for r in replies] == [
+        (250, "sender ok"),
+        (250, "rcpt ok"),
+        (354, "go ahead"),
+    ]
