@@ -557,37 +557,80 @@ class IMAPClient:
         Raises MessageUnavailable when the server refuses this one message or sends fewer
         bytes than its RFC822.SIZE, ProtocolError when the response does not add up.
         """
+        got = (await self.fetch_many([uid]))[uid]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    async def fetch_many(self, uids: list[int]) -> dict[int, bytes | TemporaryError]:
+        """Several whole messages in one command (one round trip), as :meth:`fetch` would
+        give each: its bytes, or the MessageUnavailable or ProtocolError it would raise.
+
+        Once one message's response does not add up, the ones after it are not trusted
+        either: they get the same error, and the caller delivers those before it first.
+        """
         p = self._proto
+        wanted = sorted(set(uids))
+        what = f"UID FETCH {wanted[0]}" if len(wanted) == 1 else f"UID FETCH ({len(wanted)})"
         response = await self._call(
-            f"UID FETCH {uid}",
-            p.fetch(str(uid), "(UID RFC822.SIZE BODY.PEEK[])", by_uid=True, timeout=self.timeout),
+            what,
+            p.fetch(
+                compress_uids(wanted),
+                "(UID RFC822.SIZE BODY.PEEK[])",
+                by_uid=True,
+                timeout=self.timeout,
+            ),
         )
         if response.result != "OK":
-            raise MessageUnavailable(f"{self.where}: server refused UID {uid}: {_text(response)}")
-        lines = response.lines
-        for i, line in enumerate(lines[:-2]):
+            if len(wanted) > 1:  # one of them may be the reason: ask for each alone
+                found: dict[int, bytes | TemporaryError] = {}
+                for uid in wanted:
+                    found.update(await self.fetch_many([uid]))
+                return found
+            text = f"{self.where}: server refused UID {wanted[0]}: {_text(response)}"
+            return {wanted[0]: MessageUnavailable(text)}
+        found = {}
+        asked = set(wanted)
+        broken: ProtocolError | None = None
+        lines, i = response.lines, 0
+        while i < len(lines) - 2 and broken is None:
+            line = lines[i]
+            i += 1
             if not isinstance(line, bytes) or b"FETCH" not in line:
                 continue
             m_uid = _FETCH_UID.search(line)
             m_lit = _LITERAL.search(line)
-            if not (m_lit and m_uid and int(m_uid.group(1)) == uid):
+            if not m_lit:
+                continue  # a flag update, say
+            body, tail = lines[i], lines[i + 1]
+            i += 2  # the literal and what follows it are never read as response lines
+            uid = int(m_uid.group(1)) if m_uid else 0
+            if uid not in asked or uid in found:
                 continue
-            body, tail = lines[i + 1], lines[i + 2]
             if not isinstance(body, bytes | bytearray) or len(body) != int(m_lit.group(1)):
-                raise ProtocolError(f"{self.where}: UID {uid}: literal length mismatch")
-            if not isinstance(tail, bytes) or not _FETCH_TAIL.match(tail):
+                broken = ProtocolError(f"{self.where}: UID {uid}: literal length mismatch")
+            elif not isinstance(tail, bytes) or not _FETCH_TAIL.match(tail):
                 # More data than the literal announced: the message would be cut short.
-                raise ProtocolError(
+                broken = ProtocolError(
                     f"{self.where}: UID {uid}: data after the message literal: {bytes(tail)[:60]!r}"
                 )
-            m_size = _RFC822_SIZE.search(line) or _RFC822_SIZE.search(tail)
-            if m_size and len(body) < int(m_size.group(1)):
-                raise MessageUnavailable(
+            elif (m_size := _RFC822_SIZE.search(line) or _RFC822_SIZE.search(tail)) and len(
+                body
+            ) < int(m_size.group(1)):
+                found[uid] = MessageUnavailable(
                     f"{self.where}: UID {uid} came with {len(body)} bytes where RFC822.SIZE "
                     f"is {int(m_size.group(1))}: not delivered, it may be cut short"
                 )
-            return bytes(body)
-        raise ProtocolError(f"{self.where}: server sent no body for UID {uid}")
+            else:
+                found[uid] = bytes(body)
+            if broken is not None:
+                found[uid] = broken
+        for uid in wanted:
+            if uid not in found:
+                found[uid] = broken or ProtocolError(
+                    f"{self.where}: server sent no body for UID {uid}"
+                )
+        return found
 
     async def delete(self, uids: Iterable[int]) -> None:
         """Flag the messages \\Deleted and expunge exactly those (UIDPLUS), never others."""

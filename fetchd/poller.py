@@ -571,6 +571,7 @@ class Poller:
             old = await self.state.delivered_before(a.name, folder, status.uidvalidity, cutoff)
             expired = [u for u in uids if str(u) in old]
         new = [u for u in uids if (a.fetch_all or str(u) not in seen) and str(u) not in rejected]
+        sizes: dict[int, int] = {}
         if a.limit and new:
             sizes = await client.sizes(new)
             listed = [Listing(0, str(u), sizes.get(u, 0)) for u in new]
@@ -581,14 +582,21 @@ class Poller:
         if self._budget is not None:
             new = new[: self._budget]
             self._budget -= len(new)
+        if len(new) > 1 and not sizes:
+            sizes = await client.sizes(new)
         deferred: DeliveryDeferred | None = None
         fresh: list[int] = []  # delivered in this poll
-        for uid in new:
-            try:
-                body = await client.fetch(uid)
-            except MessageUnavailable as e:
-                self._skip(str(e).removeprefix(f"{self.where}: "))
+        fetched: dict[int, bytes | TemporaryError] = {}
+        for n, uid in enumerate(new):
+            if uid not in fetched:
+                fetched = await client.fetch_many(_batch(new[n:], sizes))
+            got = fetched.pop(uid)
+            if isinstance(got, MessageUnavailable):
+                self._skip(str(got).removeprefix(f"{self.where}: "))
                 continue
+            if isinstance(got, Exception):
+                raise got
+            body = got
             digest = hashlib.sha256(body).hexdigest()[:32]
             if digest in digests:  # delivered before the UIDVALIDITY changed
                 await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
@@ -635,6 +643,22 @@ class Poller:
         await self.state.forget(a.name, folder, status.uidvalidity, (seen | rejected) - on_server)
         if deferred is not None:
             raise deferred
+
+
+FETCH_BATCH = 16  # messages fetched with one command, at most
+FETCH_BATCH_BYTES = 512 * 1024  # and about this many bytes, so 200 accounts hold ~100 MiB
+
+
+def _batch(uids: list[int], sizes: dict[int, int]) -> list[int]:
+    """The first UIDs of ``uids`` to fetch in one command: one round trip for many small
+    messages, a big one alone (a size not known counts as big)."""
+    batch, total = [uids[0]], sizes.get(uids[0], FETCH_BATCH_BYTES)
+    for uid in uids[1:FETCH_BATCH]:
+        total += sizes.get(uid, FETCH_BATCH_BYTES)
+        if total > FETCH_BATCH_BYTES:
+            break
+        batch.append(uid)
+    return batch
 
 
 def _replies(replies: dict[str, tuple[int, str]]) -> str:

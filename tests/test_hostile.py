@@ -696,15 +696,20 @@ class FakeIMAP:
             body,
         )
 
+    def size_response(self, uid: int) -> bytes:
+        return b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (
+            self.seq(uid),
+            uid,
+            len(self.mailbox[uid]),
+        )
+
     async def on_uid_fetch(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
-        uid = int(args[0])
-        data = self.fetch_response(uid) if uid in self.mailbox else b""
-        w.write(data + tag + b" OK fetched\r\n")
+        uids = [u for u in uid_set(args[0]) if u in self.mailbox]
+        respond = self.fetch_response if b"BODY" in b" ".join(args).upper() else self.size_response
+        w.write(b"".join(respond(uid) for uid in uids) + tag + b" OK fetched\r\n")
 
     async def on_uid_store(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
-        for part in args[0].split(b","):
-            a, _, b = part.partition(b":")
-            self.flagged |= set(range(int(a), int(b or a) + 1)) & set(self.mailbox)
+        self.flagged |= set(uid_set(args[0])) & set(self.mailbox)
         w.write(tag + b" OK stored\r\n")
 
     async def on_uid_expunge(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
@@ -721,6 +726,15 @@ class FakeIMAP:
 
     def sent(self, name: bytes) -> list[bytes]:
         return [c for c in self.commands if name in c.upper()]
+
+
+def uid_set(text: bytes) -> list[int]:
+    """``b"3,7:9"`` → ``[3, 7, 8, 9]``."""
+    uids: list[int] = []
+    for part in text.split(b","):
+        first, _, last = part.partition(b":")
+        uids += range(int(first), int(last or first) + 1)
+    return uids
 
 
 @asynccontextmanager
@@ -984,7 +998,7 @@ async def test_imap_one_unreadable_message_does_not_block_the_others(
 ) -> None:
     class Server(FakeIMAP):
         async def on_uid_fetch(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
-            if args[0] == b"1":
+            if 1 in uid_set(args[0]) and b"BODY" in b" ".join(args):  # the batch fails too
                 w.write(tag + b" NO [SERVERBUG] cannot read message\r\n")
             else:
                 await super().on_uid_fetch(w, tag, args)
@@ -994,6 +1008,55 @@ async def test_imap_one_unreadable_message_does_not_block_the_others(
         await poll(config)
         await poll(config)
     assert bodies(sink) == [msg(2)]
+
+
+async def test_imap_batch_with_a_broken_response_delivers_only_what_came_before(
+    configs: ConfigWriter,
+) -> None:
+    """Several messages come in one response; after one that does not add up, nothing in that
+    response is trusted, but the ones before it are delivered and deleted."""
+
+    class Server(FakeIMAP):
+        def fetch_response(self, uid: int) -> bytes:
+            if uid == 3:  # more data than the literal announced
+                body = self.mailbox[uid]
+                return b"* 3 FETCH (UID 3 BODY[] {10}\r\n%s)\r\n" % body
+            return super().fetch_response(uid)
+
+    server = Server({u: msg(u) for u in range(1, 6)})
+    async with imap_setup(configs, server) as (config, sink):
+        outcome = await poll(config)
+        assert isinstance(outcome.error, ProtocolError), outcome.line()
+        assert "UID 3" in outcome.line()
+        assert bodies(sink) == [msg(1), msg(2)]
+        assert len(server.sent(b"BODY.PEEK")) == 1, "the five came in one command"
+        assert sorted(server.mailbox) == [1, 2, 3, 4, 5], "a failed session deletes nothing"
+        await poll(config)
+    assert bodies(sink) == [msg(1), msg(2)], "and what it delivered is known: never sent twice"
+
+
+async def test_imap_batch_a_body_that_looks_like_a_fetch_response_is_only_a_body(
+    configs: ConfigWriter,
+) -> None:
+    forged = b"Subject: forged\r\n\r\n* 2 FETCH (UID 2 BODY[] {7}\r\nevil!\r\n)\r\n"
+    server = FakeIMAP({1: forged, 2: msg(2)})
+    async with imap_setup(configs, server) as (config, sink):
+        outcome = await poll(config)
+    assert outcome.ok, outcome.line()
+    assert bodies(sink) == [forged, msg(2)]
+
+
+async def test_imap_batches_are_bounded_by_count_and_bytes(configs: ConfigWriter) -> None:
+    small = {u: msg(u) for u in range(1, 21)}
+    big = {21: msg(21, 600_000), 22: msg(22, 300_000), 23: msg(23, 300_000), 24: msg(24)}
+    server = FakeIMAP(small | big)
+    async with imap_setup(configs, server) as (config, sink):
+        outcome = await poll(config)
+    assert outcome.ok, outcome.line()
+    assert bodies(sink) == [(small | big)[u] for u in range(1, 25)]
+    fetches = [c.split(b" ")[3] for c in server.sent(b"BODY.PEEK")]
+    # 16 at most; 600 KB alone; 300 KB twice is over 512 KiB, so apart.
+    assert fetches == [b"1:16", b"17:20", b"21", b"22", b"23:24"]
 
 
 async def test_imap_slow_but_steady_large_message(configs: ConfigWriter) -> None:
