@@ -27,6 +27,7 @@ _UNSAFE_ARGUMENT = re.compile(rb"[\x00\r\n]")
 # The end of a multi-line reply: a line holding a single dot.
 _TERMINATOR = re.compile(rb"\n\.\r?\n")
 _UNSTUFF = re.compile(rb"^\.", re.MULTILINE)
+_LINE_DOT = re.compile(rb"\n\.")  # a regex finds this two-byte needle faster than ``in``
 _RESP_CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
 
 
@@ -174,6 +175,6 @@ class POP3Connection:
         del self._buffer[: m.end()]
         self._scanned = 0
         # Almost every message has a dot somewhere; few have one starting a line.
-        if body.startswith(b".") or b"\n." in body:
+        if body.startswith(b".") or _LINE_DOT.search(body):
             return _UNSTUFF.sub(b"", body)
         return body
