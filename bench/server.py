@@ -92,7 +92,11 @@ class BenchServer:
         for i, box in enumerate(boxes):
             target = self.dovecot.maildir(box.user) / "new"
             for n, message in enumerate(messages(i, box)):
-                path = target / f"{stamp // 10**9}.M{stamp % 10**9}N{n}P{i}.bench"
+                # Sizes in the name, as Dovecot's own delivery writes them: RFC822.SIZE is
+                # then known without reading the file.
+                name = f"{stamp // 10**9}.M{stamp % 10**9}N{n}P{i}.bench"
+                size = f",S={len(message.data)},W={message.served_size}"
+                path = target / (name + size)
                 path.write_bytes(message.data)
                 os.chown(path, uid, gid)
                 count += 1
