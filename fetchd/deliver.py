@@ -148,6 +148,8 @@ class _Protocol(aiosmtplib.protocol.SMTPProtocol):
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         replies: list[aiosmtplib.SMTPResponse] = []
         async with self._command_lock:
+            if self._buffer:  # a reply nobody asked for would be taken for the first one
+                raise aiosmtplib.SMTPResponseException(-1, "unexpected data from the MTA")
             self._expected = len(commands)
             try:
                 self._response_pending = True
@@ -160,7 +162,8 @@ class _Protocol(aiosmtplib.protocol.SMTPProtocol):
                     self._expected -= 1
             finally:
                 self._expected = 0
-                del self._buffer[:]  # more replies than commands: dropped, as aiosmtplib does
+            if self._buffer:
+                raise aiosmtplib.SMTPResponseException(-1, "more replies than commands")
         return replies
 
 
@@ -204,6 +207,9 @@ class _SMTP(aiosmtplib.SMTP):
         for address in (sender, *recipients):  # all checked before any is sent
             aiosmtplib.email.parse_address(address)
         await self._ehlo_or_helo_if_needed()
+        if self.protocol is not None and self.protocol._buffer:
+            # Left over from the last reply: it would be read as the answer to the next command.
+            raise aiosmtplib.SMTPResponseException(-1, "unexpected data from the MTA")
         wire = _wire(parts)
         mail_options = list(options)
         if self.supports_extension("size"):
@@ -228,11 +234,17 @@ class _SMTP(aiosmtplib.SMTP):
                     ]
                 )
             await self._data(wire, reply_timeout)
-        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
-            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
-                await self.rset(timeout=reply_timeout)  # a clean envelope for the next message
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as e:
+            await self._reset(e, reply_timeout)
             raise
         return refused
+
+    async def _reset(self, e: Exception, reply_timeout: float) -> None:
+        """RSET after a refusal, for a clean envelope; not when the reply made no sense."""
+        if isinstance(e, aiosmtplib.SMTPResponseException) and not 400 <= e.code < 600:
+            return
+        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+            await self.rset(timeout=reply_timeout)
 
     async def _pipelined(
         self,
@@ -255,7 +267,6 @@ class _SMTP(aiosmtplib.SMTP):
 
         commands = [command(b"MAIL FROM:", sender, options)]
         commands += [command(b"RCPT TO:", rcpt) for rcpt in recipients]
-        self.data_started = True  # from here on, the MTA may end up with the message
         mail, *rcpts, data = await protocol.pipeline([*commands, b"DATA\r\n"], reply_timeout)
         refused = {
             rcpt: reply
@@ -279,14 +290,12 @@ class _SMTP(aiosmtplib.SMTP):
             if data.code != 354:
                 raise aiosmtplib.SMTPDataError(data.code, data.message)
             await self._send_message(protocol, wire, reply_timeout)
-        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
-            with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
-                await self.rset(timeout=reply_timeout)  # a clean envelope for the next message
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused) as e:
+            await self._reset(e, reply_timeout)
             raise
         return refused
 
     async def _data(self, wire: list[bytes], reply_timeout: float) -> None:
-        self.data_started = True
         reply = await self.execute_command(b"DATA", timeout=reply_timeout)
         if reply.code != 354:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)
@@ -295,9 +304,8 @@ class _SMTP(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         await self._send_message(protocol, wire, reply_timeout)
 
-    @staticmethod
     async def _send_message(
-        protocol: aiosmtplib.protocol.SMTPProtocol, wire: list[bytes], reply_timeout: float
+        self, protocol: aiosmtplib.protocol.SMTPProtocol, wire: list[bytes], reply_timeout: float
     ) -> None:
         """The message after DATA's 354, in slices under flow control, then its final dot."""
         if protocol is None:
@@ -317,6 +325,7 @@ class _SMTP(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPTimeoutError("timed out sending the message") from None
         except ConnectionError as e:
             raise aiosmtplib.SMTPServerDisconnected(f"connection lost: {e}") from None
+        self.data_started = True  # with the final dot the MTA may queue it: outcome unsure
         protocol.write(last)
         reply = await protocol.read_response(timeout=reply_timeout)
         if reply.code != 250:
@@ -432,9 +441,10 @@ class SMTPDeliverer(Deliverer):
                 sender, recipients, parts, options, reply_timeout=self.settings.timeout
             )
         except aiosmtplib.SMTPRecipientsRefused as e:
-            return {r.recipient: (r.code, r.message) for r in e.recipients}
+            refusals = {r.recipient: (r.code, r.message) for r in e.recipients}
+            return self._refusals(refusals)
         except aiosmtplib.SMTPResponseException as e:
-            return dict.fromkeys(recipients, (e.code, e.message))
+            return self._refusals(dict.fromkeys(recipients, (e.code, e.message)))
         except (aiosmtplib.SMTPException, OSError, ValueError, UnicodeError) as e:
             self._smtp.close()  # unknown state: never reuse the connection
             if self._smtp.data_started and isinstance(
@@ -446,8 +456,20 @@ class SMTPDeliverer(Deliverer):
                 ) from None
             raise self._deferred(_reason(e)) from None
         replies: Replies = dict.fromkeys(recipients, (250, "accepted"))
-        replies.update({r: (resp.code, resp.message) for r, resp in refused.items()})
+        replies.update(self._refusals({r: (x.code, x.message) for r, x in refused.items()}))
         return replies
+
+    def _refusals(self, refusals: Replies) -> Replies:
+        """Refusals are 4xx or 5xx. Any other code here (a malformed reply, a success where
+        a refusal was due, a reply to another command) means fetchd and the MTA no longer
+        agree on where they are: the connection is dropped and the message is not counted
+        as delivered."""
+        for code, text in refusals.values():
+            if not 400 <= code < 600:
+                self._smtp.close()
+                said = " ".join(str(text).split())[:200]  # one line in the log, whatever came
+                raise self._deferred(f"out of step with the MTA (it answered {code} {said})")
+        return refusals
 
     async def close(self) -> None:
         if not self._smtp.is_connected:

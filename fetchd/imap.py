@@ -566,8 +566,8 @@ class IMAPClient:
         """Several whole messages in one command (one round trip), as :meth:`fetch` would
         give each: its bytes, or the MessageUnavailable or ProtocolError it would raise.
 
-        Once one message's response does not add up, the ones after it are not trusted
-        either: they get the same error, and the caller delivers those before it first.
+        Once one message's response does not add up, what follows it in that response is not
+        trusted either: those messages are asked for again, one by one.
         """
         p = self._proto
         wanted = sorted(set(uids))
@@ -604,6 +604,8 @@ class IMAPClient:
                 continue  # a flag update, say
             body, tail = lines[i], lines[i + 1]
             i += 2  # the literal and what follows it are never read as response lines
+            if not m_uid and isinstance(tail, bytes):  # UID may also follow the literal
+                m_uid = _FETCH_UID.search(tail)
             uid = int(m_uid.group(1)) if m_uid else 0
             if uid not in asked or uid in found:
                 continue
@@ -625,11 +627,13 @@ class IMAPClient:
                 found[uid] = bytes(body)
             if broken is not None:
                 found[uid] = broken
-        for uid in wanted:
-            if uid not in found:
-                found[uid] = broken or ProtocolError(
-                    f"{self.where}: server sent no body for UID {uid}"
-                )
+        missing = [uid for uid in wanted if uid not in found]
+        if broken is not None and len(wanted) > 1:
+            for uid in missing:  # not trusted from that response: asked for again, alone
+                found.update(await self.fetch_many([uid]))
+            return found
+        for uid in missing:
+            found[uid] = broken or ProtocolError(f"{self.where}: server sent no body for UID {uid}")
         return found
 
     async def delete(self, uids: Iterable[int]) -> None:

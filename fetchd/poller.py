@@ -270,6 +270,12 @@ class Poller:
                 await self.state.record_uncertain(a.name, folder, key, digest, ident)
                 await self._held(folder, uidvalidity, key, ident, time.time())
             raise
+        strange = {r: reply for r, reply in replies.items() if reply[0] // 100 not in (2, 4, 5)}
+        if strange:  # never taken for "accepted": the message stays and is tried again
+            raise DeliveryDeferred(
+                f"{self.where}: the MTA at {self.delivery.target} gave no usable answer for "
+                f"message {ident}: {_replies(strange)}"
+            )
         accepted = [r for r, (code, _) in replies.items() if 200 <= code < 300]
         deferred = {r: reply for r, reply in replies.items() if 400 <= reply[0] < 500}
         refused = {r: reply for r, reply in replies.items() if reply[0] >= 500}

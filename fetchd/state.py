@@ -161,6 +161,8 @@ class State:
     async def close(self) -> None:
         if self._committer is not None:
             await asyncio.wait([self._committer])  # what record() has in hand is committed first
+        if self._records:  # the committer was cancelled with records still waiting
+            await self._commit_records()
         await self._run(lambda db: db.close())
         self._executor.shutdown(wait=True)
         if self._lock is not None:

@@ -467,7 +467,8 @@ async def test_mta_that_stops_reading_mid_message_times_out_and_keeps_it(
         return True
 
     outcome = await poll_through_mta(configs, dovecot, mailbox_user, stall_on_the_second, timeout=2)
-    assert isinstance(outcome.error, DeliveryUncertain), outcome.line()
+    assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+    assert not isinstance(outcome.error, DeliveryUncertain), "the final dot was never sent"
     assert "timed out sending the message" in outcome.line()
     assert dovecot.count(mailbox_user) == 1, "the first is delivered and deleted, not the second"
 
@@ -724,3 +725,77 @@ async def test_pipelined_replies_arriving_before_the_reader_resumes_are_kept() -
         (250, "rcpt ok"),
         (354, "go ahead"),
     ]
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        {b"DATA": b"hello there\r\n"},  # not a reply at all
+        {b"DATA": b"250 ok\r\n354 go ahead\r\n"},  # one reply too many
+        {b"RCPT": b"252 cannot verify\r\n", b"DATA": b"554 no valid recipients\r\n"},
+    ],
+    ids=["malformed", "extra reply", "success code as refusal"],
+)
+async def test_pipelined_replies_out_of_step_never_count_as_delivered(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter, replies: dict[bytes, bytes]
+) -> None:
+    """A reply that makes no sense, or one too many, shifts every later one: fetchd drops the
+    connection and keeps the message, rather than take some other command's 250 for it."""
+    dovecot.deliver(mailbox_user, [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n"])
+    mta = PipeliningMTA(replies=replies)
+    server = await asyncio.start_server(mta, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = account(
+            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["a@localhost"]
+        )
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
+    finally:
+        server.close()
+    assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+    assert not isinstance(outcome.error, DeliveryUncertain)
+    assert "out of step with the MTA" in outcome.line()
+    assert dovecot.count(mailbox_user) == 2, "nothing deleted"
+
+
+async def test_mta_closing_before_the_message_is_retried_also_with_dedupe(
+    dovecot: Dovecot, mailbox_user: str, configs: ConfigWriter
+) -> None:
+    """421 and a closed line before the message was sent: the MTA cannot have it, so
+    after_timeout: dedupe does not hold it back; the next poll delivers it."""
+    dovecot.deliver(mailbox_user, [b"Message-ID: <shut@test>\nSubject: s\n\nbody\n"])
+
+    async def shutting_down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mta.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-mta.test\r\n250 PIPELINING\r\n")
+        await writer.drain()
+        await reader.readline()
+        writer.write(b"421 4.3.2 shutting down\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(shutting_down, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        smtp = f"127.0.0.1:{port}"
+        config = account(
+            configs, dovecot, mailbox_user, smtp=smtp, to=["u@localhost"], after_timeout="dedupe"
+        )
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
+    finally:
+        server.close()
+    assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
+    assert not isinstance(outcome.error, DeliveryUncertain), outcome.line()
+    async with smtp_sink() as sink:
+        config = account(
+            configs,
+            dovecot,
+            mailbox_user,
+            smtp=f"127.0.0.1:{sink.port}",
+            to=["u@localhost"],
+            after_timeout="dedupe",
+        )
+        (outcome,) = await poll_once(config)
+        assert outcome.ok and len(sink.accepted) == 1, outcome.line()
+    assert dovecot.count(mailbox_user) == 0

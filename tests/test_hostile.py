@@ -1029,10 +1029,49 @@ async def test_imap_batch_with_a_broken_response_delivers_only_what_came_before(
         assert isinstance(outcome.error, ProtocolError), outcome.line()
         assert "UID 3" in outcome.line()
         assert bodies(sink) == [msg(1), msg(2)]
-        assert len(server.sent(b"BODY.PEEK")) == 1, "the five came in one command"
+        assert server.sent(b"BODY.PEEK")[0].split(b" ")[3] == b"1:5", "asked in one command"
         assert sorted(server.mailbox) == [1, 2, 3, 4, 5], "a failed session deletes nothing"
         await poll(config)
     assert bodies(sink) == [msg(1), msg(2)], "and what it delivered is known: never sent twice"
+
+
+async def test_imap_batch_answered_out_of_order_with_a_broken_one_first(
+    configs: ConfigWriter,
+) -> None:
+    """The server answers UID 7 (broken) before UID 5: 5 is not trusted from that response,
+    but asked for alone and delivered; the poll then stops at 7."""
+
+    class Server(FakeIMAP):
+        async def on_uid_fetch(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
+            if b"BODY" in b" ".join(args) and uid_set(args[0]) == [5, 7]:
+                broken = b"* 2 FETCH (UID 7 BODY[] {4}\r\n%s)\r\n" % self.mailbox[7]
+                w.write(broken + self.fetch_response(5) + tag + b" OK fetched\r\n")
+            else:
+                await super().on_uid_fetch(w, tag, args)
+
+    server = Server({5: msg(5), 7: msg(7)})
+    async with imap_setup(configs, server) as (config, sink):
+        outcome = await poll(config)
+        assert isinstance(outcome.error, ProtocolError), outcome.line()
+        assert bodies(sink) == [msg(5)]
+
+
+async def test_imap_uid_after_the_literal_is_understood(configs: ConfigWriter) -> None:
+    class Server(FakeIMAP):
+        def fetch_response(self, uid: int) -> bytes:
+            body = self.mailbox[uid]
+            return b"* %d FETCH (BODY[] {%d}\r\n%s UID %d)\r\n" % (
+                self.seq(uid),
+                len(body),
+                body,
+                uid,
+            )
+
+    server = Server({3: msg(3), 4: msg(4)})
+    async with imap_setup(configs, server) as (config, sink):
+        outcome = await poll(config)
+    assert outcome.ok, outcome.line()
+    assert bodies(sink) == [msg(3), msg(4)]
 
 
 async def test_imap_batch_a_body_that_looks_like_a_fetch_response_is_only_a_body(
