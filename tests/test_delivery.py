@@ -396,6 +396,26 @@ async def test_slow_final_reply(
     )
 
 
+async def poll_into(
+    configs: ConfigWriter,
+    dovecot: Dovecot,
+    user: str,
+    mta: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    to: tuple[str, ...] = ("u@localhost",),
+    **deliver: Any,
+) -> Outcome:
+    """One poll delivering to the scripted MTA ``mta``."""
+    server = await asyncio.start_server(mta, "127.0.0.1", 0, limit=1 << 24)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        smtp = f"127.0.0.1:{port}"
+        config = account(configs, dovecot, user, smtp=smtp, to=list(to), **deliver)
+        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
+    finally:
+        server.close()
+    return outcome
+
+
 async def poll_through_mta(
     configs: ConfigWriter,
     dovecot: Dovecot,
@@ -419,15 +439,7 @@ async def poll_through_mta(
                 writer.write(b"250-mta.test\r\n250 8BITMIME\r\n" if ehlo else b"250 ok\r\n")
             await writer.drain()
 
-    server = await asyncio.start_server(mta, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        smtp = f"127.0.0.1:{port}"
-        config = account(configs, dovecot, user, smtp=smtp, to=["u@localhost"], **deliver)
-        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
-    finally:
-        server.close()
-    return outcome
+    return await poll_into(configs, dovecot, user, mta, **deliver)
 
 
 async def test_connection_dropped_mid_data_keeps_the_message(
@@ -622,16 +634,7 @@ async def test_pipelined_envelope_delivers_byte_exact(
     messages = list(corpus_messages().values())[:8]
     dovecot.deliver(mailbox_user, messages)
     mta = PipeliningMTA(chunking)
-    server = await asyncio.start_server(mta, "127.0.0.1", 0, limit=1 << 24)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        smtp = f"127.0.0.1:{port}"
-        config = account(
-            configs, dovecot, mailbox_user, smtp=smtp, to=["a@localhost", "b@localhost"]
-        )
-        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
-    finally:
-        server.close()
+    outcome = await poll_into(configs, dovecot, mailbox_user, mta, ("a@localhost", "b@localhost"))
     assert outcome.ok, outcome.line()
     delivered = [strip_received(m.removesuffix(b".\r\n"))[1] for m in mta.messages]
     assert delivered == [re.sub(rb"(?m)^\.", b"..", as_delivered(m)) for m in messages]
@@ -674,15 +677,7 @@ async def test_pipelined_refusals_keep_the_message(
 ) -> None:
     dovecot.deliver(mailbox_user, [b"Subject: refused\n\nbody\n"])
     mta = PipeliningMTA(replies=replies)
-    server = await asyncio.start_server(mta, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        config = account(
-            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["a@localhost"]
-        )
-        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
-    finally:
-        server.close()
+    outcome = await poll_into(configs, dovecot, mailbox_user, mta, ("a@localhost",))
     assert outcome.result is not None and outcome.result.rejected == 1, outcome.line()
     assert refused in " ".join(outcome.result.problems)
     assert dovecot.count(mailbox_user) == 1, "refused for good: kept on the server"
@@ -743,15 +738,7 @@ async def test_pipelined_replies_out_of_step_never_count_as_delivered(
     connection and keeps the message, rather than take some other command's 250 for it."""
     dovecot.deliver(mailbox_user, [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n"])
     mta = PipeliningMTA(replies=replies)
-    server = await asyncio.start_server(mta, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        config = account(
-            configs, dovecot, mailbox_user, smtp=f"127.0.0.1:{port}", to=["a@localhost"]
-        )
-        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
-    finally:
-        server.close()
+    outcome = await poll_into(configs, dovecot, mailbox_user, mta, ("a@localhost",))
     assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
     assert not isinstance(outcome.error, DeliveryUncertain)
     assert "out of step with the MTA" in outcome.line()
@@ -775,16 +762,7 @@ async def test_mta_closing_before_the_message_is_retried_also_with_dedupe(
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(shutting_down, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        smtp = f"127.0.0.1:{port}"
-        config = account(
-            configs, dovecot, mailbox_user, smtp=smtp, to=["u@localhost"], after_timeout="dedupe"
-        )
-        (outcome,) = await asyncio.wait_for(poll_once(config), 60)
-    finally:
-        server.close()
+    outcome = await poll_into(configs, dovecot, mailbox_user, shutting_down, after_timeout="dedupe")
     assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
     assert not isinstance(outcome.error, DeliveryUncertain), outcome.line()
     async with smtp_sink() as sink:
