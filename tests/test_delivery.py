@@ -402,10 +402,11 @@ async def poll_into(
     user: str,
     mta: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     to: tuple[str, ...] = ("u@localhost",),
+    limit: int = 1 << 16,
     **deliver: Any,
 ) -> Outcome:
-    """One poll delivering to the scripted MTA ``mta``."""
-    server = await asyncio.start_server(mta, "127.0.0.1", 0, limit=1 << 24)
+    """One poll delivering to the scripted MTA ``mta``, whose reader buffers ``limit``."""
+    server = await asyncio.start_server(mta, "127.0.0.1", 0, limit=limit)
     port = server.sockets[0].getsockname()[1]
     try:
         smtp = f"127.0.0.1:{port}"
@@ -634,7 +635,8 @@ async def test_pipelined_envelope_delivers_byte_exact(
     messages = list(corpus_messages().values())[:8]
     dovecot.deliver(mailbox_user, messages)
     mta = PipeliningMTA(chunking)
-    outcome = await poll_into(configs, dovecot, mailbox_user, mta, ("a@localhost", "b@localhost"))
+    to = ("a@localhost", "b@localhost")
+    outcome = await poll_into(configs, dovecot, mailbox_user, mta, to, limit=1 << 24)
     assert outcome.ok, outcome.line()
     delivered = [strip_received(m.removesuffix(b".\r\n"))[1] for m in mta.messages]
     assert delivered == [re.sub(rb"(?m)^\.", b"..", as_delivered(m)) for m in messages]
