@@ -26,6 +26,7 @@ from fetchd.errors import (
     FetchdError,
     MessageUnavailable,
     PermanentError,
+    ProtocolError,
     TemporaryError,
 )
 from fetchd.imap import FolderUnavailable, IMAPClient
@@ -44,6 +45,7 @@ from fetchd.tls import (
 
 log = logging.getLogger("fetchd.poll")
 IDLE_REFRESH = 29 * 60.0
+UNREADABLE_POLLS = 3  # polls in which a message came broken before it is set aside
 Client = TypeVar("Client", POP3Client, IMAPClient)
 
 
@@ -60,6 +62,7 @@ class PollResult:
     deleted: int = 0
     moved: int = 0
     held: int = 0
+    unreadable: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -79,6 +82,8 @@ class PollResult:
             parts.append(f"{self.held} held after the MTA went silent (after_timeout: dedupe)")
         if self.skipped:
             parts.append(f"{self.skipped} the server would not give (kept, retried)")
+        if self.unreadable:
+            parts.append(f"{self.unreadable} the server sends broken (kept, not fetched again)")
         return ", ".join(parts)
 
 
@@ -520,6 +525,32 @@ class Poller:
         self.result.problems.append(message)
         log.warning("%s", message)
 
+    async def _unreadable(
+        self, error: ProtocolError, folder: str, uidvalidity: int, key: str, ident: str
+    ) -> None:
+        """A message the server sends in a form that does not add up: skipped, so that it
+        does not hold back the others; after UNREADABLE_POLLS polls it is set aside, kept on
+        the server and listed by `fetchd status`, so it is not fetched again forever."""
+        a = self.account
+        problem = str(error).removeprefix(f"{self.where}: ")
+        polls = 1
+        mark = self.state.notice
+        while polls < UNREADABLE_POLLS and not await mark(
+            a.name, folder, uidvalidity, key, f"unreadable {polls}"
+        ):
+            polls += 1
+        if polls < UNREADABLE_POLLS:
+            self._skip(f"message {ident} came broken ({problem}); kept, tried again next poll")
+            return
+        text = (
+            f"{self.where}: message {ident} came broken in {polls} polls ({problem}); kept on "
+            "the server and not fetched again — check it with a mail client"
+        )
+        await self.state.record_rejected(a.name, folder, uidvalidity, key, -1, text)
+        self.result.unreadable += 1
+        self.result.problems.append(text)
+        log.error("%s", text)
+
     # -- IMAP ---------------------------------------------------------------------------------
 
     async def _poll_imap(self) -> None:
@@ -599,6 +630,9 @@ class Poller:
             got = fetched.pop(uid)
             if isinstance(got, MessageUnavailable):
                 self._skip(str(got).removeprefix(f"{self.where}: "))
+                continue
+            if isinstance(got, ProtocolError):  # the session is in step: only this one is bad
+                await self._unreadable(got, folder, status.uidvalidity, str(uid), f"{folder}/{uid}")
                 continue
             if isinstance(got, Exception):
                 raise got

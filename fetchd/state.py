@@ -548,6 +548,7 @@ class AccountStatus:
     last_ok: float | None = None
     refused: int = 0  # kept on the server after a permanent refusal
     held: int = 0  # kept after the MTA went silent (after_timeout: dedupe)
+    broken: int = 0  # kept because the server sent it broken, poll after poll
     reasons: tuple[str, ...] = ()
 
 
@@ -607,8 +608,9 @@ def _snapshot(db: sqlite3.Connection) -> tuple[DaemonStatus | None, dict[str, Ac
         base = accounts.get(name, AccountStatus(name))
         accounts[name] = replace(
             base,
-            refused=sum(1 for code, _ in items if code),
-            held=sum(1 for code, _ in items if not code),
+            refused=sum(1 for code, _ in items if code > 0),
+            held=sum(1 for code, _ in items if code == 0),
+            broken=sum(1 for code, _ in items if code < 0),
             reasons=tuple(reason for _, reason in items),
         )
     return daemon, accounts

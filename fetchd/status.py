@@ -84,16 +84,20 @@ def status(state_file: str, names: list[str] | None, problem: str | None = None)
         cells = [r[i].ljust(widths[i]) for i in range(5)]
         print("  ".join([*cells, _cut(r[5], 100)]).rstrip())
     if problems:
-        print("\nkept on the server (refused by the MTA, or held after it went silent):")
+        print(
+            "\nkept on the server (refused by the MTA, held after it went silent, "
+            "or sent broken by the server):"
+        )
         for line in problems:
             print(f"  {_cut(line, 300)}")
     return 0
 
 
 def _kept(s: AccountStatus | None) -> str:
-    if s is None or not (s.refused or s.held):
+    if s is None or not (s.refused or s.held or s.broken):
         return "-"
-    return f"{s.refused}" + (f"+{s.held} held" if s.held else "")
+    text = f"{s.refused}" + (f"+{s.held} held" if s.held else "")
+    return text + (f"+{s.broken} broken" if s.broken else "")
 
 
 def _cut(text: str, limit: int) -> str:

@@ -798,8 +798,9 @@ async def test_imap_fetch_without_our_body(configs: ConfigWriter, response: byte
     server = Server({1: msg(1)})
     async with imap_setup(configs, server) as (config, sink):
         outcome = await poll(config)
-    assert isinstance(outcome.error, ProtocolError), outcome.line()
-    assert "victim" in outcome.line()
+    assert outcome.result is not None and outcome.result.skipped == 1, outcome.line()
+    problem = outcome.result.problems[0]
+    assert "account victim" in problem and "INBOX/1 came broken" in problem, problem
     assert sink.accepted == [] and server.mailbox != {} and not server.sent(b"STORE")
 
 
@@ -1014,7 +1015,8 @@ async def test_imap_batch_with_a_broken_response_delivers_only_what_came_before(
     configs: ConfigWriter,
 ) -> None:
     """Several messages come in one response; after one that does not add up, nothing in that
-    response is trusted, but the ones before it are delivered and deleted."""
+    response is trusted: the ones before it are delivered, the ones after it asked for alone,
+    and the broken one is kept on the server."""
 
     class Server(FakeIMAP):
         def fetch_response(self, uid: int) -> bytes:
@@ -1026,20 +1028,20 @@ async def test_imap_batch_with_a_broken_response_delivers_only_what_came_before(
     server = Server({u: msg(u) for u in range(1, 6)})
     async with imap_setup(configs, server) as (config, sink):
         outcome = await poll(config)
-        assert isinstance(outcome.error, ProtocolError), outcome.line()
-        assert "UID 3" in outcome.line()
-        assert bodies(sink) == [msg(1), msg(2)]
+        assert outcome.ok and outcome.result is not None, outcome.line()
+        assert outcome.result.skipped == 1 and "UID 3" in outcome.result.problems[0]
+        assert bodies(sink) == [msg(1), msg(2), msg(4), msg(5)]
         assert server.sent(b"BODY.PEEK")[0].split(b" ")[3] == b"1:5", "asked in one command"
-        assert sorted(server.mailbox) == [1, 2, 3, 4, 5], "a failed session deletes nothing"
+        assert sorted(server.mailbox) == [3], "only the broken one stays"
         await poll(config)
-    assert bodies(sink) == [msg(1), msg(2)], "and what it delivered is known: never sent twice"
+    assert bodies(sink) == [msg(1), msg(2), msg(4), msg(5)], "never sent twice"
 
 
 async def test_imap_batch_answered_out_of_order_with_a_broken_one_first(
     configs: ConfigWriter,
 ) -> None:
     """The server answers UID 7 (broken) before UID 5: 5 is not trusted from that response,
-    but asked for alone and delivered; the poll then stops at 7."""
+    but asked for alone and delivered; 7 is kept on the server."""
 
     class Server(FakeIMAP):
         async def on_uid_fetch(self, w: asyncio.StreamWriter, tag: bytes, args: list[bytes]) -> Any:
@@ -1052,8 +1054,43 @@ async def test_imap_batch_answered_out_of_order_with_a_broken_one_first(
     server = Server({5: msg(5), 7: msg(7)})
     async with imap_setup(configs, server) as (config, sink):
         outcome = await poll(config)
-        assert isinstance(outcome.error, ProtocolError), outcome.line()
+        assert outcome.ok, outcome.line()
         assert bodies(sink) == [msg(5)]
+        assert sorted(server.mailbox) == [7]
+
+
+async def test_imap_message_that_always_comes_broken_is_set_aside(
+    configs: ConfigWriter,
+) -> None:
+    """A message the server always sends in a form that does not add up neither stops the
+    others nor is asked for forever: after three polls it is kept on the server, listed by
+    `fetchd status`, and not fetched again; the others are delivered and deleted each time."""
+
+    class Server(FakeIMAP):
+        def fetch_response(self, uid: int) -> bytes:
+            if uid == 2:  # the literal is shorter than announced: never a whole message
+                return b"* 2 FETCH (UID 2 BODY[] {%d}\r\nshort)\r\n" % (len(msg(2)) - 3)
+            return super().fetch_response(uid)
+
+    server = Server({1: msg(1), 2: msg(2), 3: msg(3)})
+    async with imap_setup(configs, server) as (config, sink):
+        outcomes = []
+        for n in range(4, 8):
+            outcomes.append(await poll(config))
+            server.mailbox[n] = msg(n)  # new mail behind the broken one
+    assert all(o.ok for o in outcomes), [o.line() for o in outcomes]
+    assert [o.result.skipped for o in outcomes if o.result] == [1, 1, 0, 0]
+    assert [o.result.unreadable for o in outcomes if o.result] == [0, 0, 1, 0]
+    assert sorted(bodies(sink)) == sorted(msg(n) for n in (1, 3, 4, 5, 6))
+    assert sorted(server.mailbox) == [2, 7], "the broken one stays; 7 came after the last poll"
+    asked = [c for c in server.sent(b"BODY.PEEK") if b" 2 " in c or b":2" in c or b"2:" in c]
+    assert len(asked) <= 2 * 3, "asked for in three polls at most (batch, then alone)"
+    state = await State.open(str(configs.directory / "state.sqlite3"))
+    try:
+        (problem,) = await state.rejected("victim", "INBOX", server.uidvalidity)
+    finally:
+        await state.close()
+    assert problem == "2"
 
 
 async def test_imap_uid_after_the_literal_is_understood(configs: ConfigWriter) -> None:

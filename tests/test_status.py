@@ -38,6 +38,7 @@ async def test_status_and_health_tell_what_the_state_knows(
         await state.record_poll("ok-acct", 1.5, True, "3 delivered", None)
         await state.record_poll("bad-acct", 0.2, False, "", "password refused [u at h:995]")
         await state.record_rejected("ok-acct", "", 0, "u1", 554, "refused: spam")
+        await state.record_rejected("ok-acct", "", 0, "u2", -1, "u2 came broken in 3 polls")
         assert health(db) == 0
         assert status(db, ["ok-acct", "bad-acct", "new-acct"]) == 0
         out = capsys.readouterr().out
@@ -46,10 +47,10 @@ async def test_status_and_health_tell_what_the_state_knows(
         assert "last reload FAILED" in out and "\x1b" not in out, "terminal escapes are cut"
         assert lines[3].split()[:2] == ["ACCOUNT", "LAST"]
         assert lines[4].split()[0] == "ok-acct" and " ok " in lines[4]
-        assert "3 delivered" in lines[4] and lines[4].split()[6] == "1", "one refused, kept"
+        assert "3 delivered" in lines[4] and lines[4].split()[6] == "1+1", "one refused, one broken"
         assert "FAILED" in lines[5] and "password refused" in lines[5]
         assert lines[6].split()[:2] == ["new-acct", "never"]
-        assert "ok-acct: refused: spam" in out
+        assert "ok-acct: refused: spam" in out and "ok-acct: u2 came broken" in out
         await state.daemon_stopped()
         assert health(db) == 1
         assert "no fetchd daemon is running" in capsys.readouterr().out
