@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -185,6 +186,13 @@ def _wire(parts: Sequence[bytes]) -> list[bytes]:
     return [_STUFFING.sub(b"..", normalize_line_endings(p)) for p in parts if p] or [b"\r\n"]
 
 
+@functools.lru_cache(maxsize=1024)
+def _quoted(address: str) -> str:
+    """aiosmtplib's checked and quoted address, remembered: an account sends to the same
+    recipients, and often from the same senders, message after message."""
+    return aiosmtplib.email.quote_address(address)
+
+
 class _SMTP(aiosmtplib.SMTP):
     """aiosmtplib with a DATA phase that sends the message in parts and slices, under flow
     control, so a 25 MiB message is never copied whole (aiosmtplib appends the final dot to a
@@ -205,7 +213,7 @@ class _SMTP(aiosmtplib.SMTP):
         reply, and the sending of the message, may take ``reply_timeout`` seconds."""
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         for address in (sender, *recipients):  # all checked before any is sent
-            aiosmtplib.email.parse_address(address)
+            _quoted(address)
         await self._ehlo_or_helo_if_needed()
         if self.protocol is not None and self.protocol._buffer:
             # Left over from the last reply: it would be read as the answer to the next command.
@@ -262,7 +270,7 @@ class _SMTP(aiosmtplib.SMTP):
         assert isinstance(protocol, _Protocol)
 
         def command(verb: bytes, address: str, opts: Sequence[str] = ()) -> bytes:
-            quoted = aiosmtplib.email.quote_address(address).encode(encoding)
+            quoted = _quoted(address).encode(encoding)
             return b" ".join([verb + quoted, *(o.encode("ascii") for o in opts)]) + b"\r\n"
 
         commands = [command(b"MAIL FROM:", sender, options)]

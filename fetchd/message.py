@@ -6,8 +6,10 @@ or re-encoded. fetchd only looks for the envelope sender and prepends one trace 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -112,6 +114,13 @@ def has_8bit(message: bytes) -> bool:
     return not message.isascii()
 
 
+@functools.lru_cache(maxsize=2)
+def _date_now(second: int) -> str:
+    """The date of a trace header, made once a second: formatting it was 1-2 % of the CPU
+    of a busy poll."""
+    return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
+
+
 def received_header(
     *,
     server: str,
@@ -125,7 +134,7 @@ def received_header(
     when: datetime | None = None,
 ) -> bytes:
     """An RFC 5321-style trace header saying where fetchd got the message, and how."""
-    when = when or datetime.now(UTC).astimezone()
+    date = format_datetime(when) if when else _date_now(int(time.time()))
     peer = f"{server} ({server} [{server_ip}])" if server_ip else server
     rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     ident = _TOKEN_UNSAFE.sub("_", message_id)[:80] or "unknown"
@@ -133,5 +142,5 @@ def received_header(
         f"Received: from {peer}\r\n"
         f"\tby {local_host} (fetchd {__version__}, account {_TOKEN_UNSAFE.sub('_', account)})"
         f"\r\n\twith {protocol} ({tls}) id {ident}{rcpt};\r\n"
-        f"\t{format_datetime(when)}\r\n"
+        f"\t{date}\r\n"
     ).encode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -34,7 +33,7 @@ from fetchd.message import envelope_sender, message_digest, received_header, rec
 from fetchd.oauth2 import token_source
 from fetchd.pop3.client import Listing, POP3Client
 from fetchd.sasl import TokenRefused
-from fetchd.state import State
+from fetchd.state import State, content_digest
 from fetchd.tls import (
     CertificateError,
     Security,
@@ -452,7 +451,7 @@ class Poller:
                     continue
                 key = msg.uid
                 if msg.duplicate:
-                    key = f"{msg.uid}\t{hashlib.sha256(got.body).hexdigest()[:32]}"
+                    key = f"{msg.uid}\t{content_digest(got.body)}"
                     on_server.add(key)
                     if key in seen and not a.fetch_all:
                         done.append(msg)
@@ -637,7 +636,7 @@ class Poller:
             if isinstance(got, Exception):
                 raise got
             body = got
-            digest = hashlib.sha256(body).hexdigest()[:32]
+            digest = content_digest(body) if digests else None  # else hashed by the state
             if digest in digests:  # delivered before the UIDVALIDITY changed
                 await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
                 continue
@@ -656,7 +655,9 @@ class Poller:
                 deferred = e  # the MTA is unwell: stop, but delete what it did accept
                 break
             if ok:
-                await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
+                await self.state.record(
+                    a.name, folder, status.uidvalidity, str(uid), digest, content=body
+                )
                 fresh.append(uid)
                 if uid not in done:
                     done.append(uid)

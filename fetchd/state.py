@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import os
 import sqlite3
 import stat
@@ -120,6 +121,11 @@ _ACCOUNT_TABLES = (
 _SeenRow = tuple[str, str, int, str, float, str | None]
 
 
+def content_digest(content: bytes) -> str:
+    """What recognises a message's bytes after its UID changed (SHA-256, 128 bits kept)."""
+    return hashlib.sha256(content).hexdigest()[:32]
+
+
 class State:
     """The state database. Open with :meth:`open`, close with :meth:`close`."""
 
@@ -129,7 +135,7 @@ class State:
         self._executor = executor
         self._lock: int | None = None
         # Deliveries recorded by many pollers at once share one transaction (group commit).
-        self._records: list[tuple[_SeenRow, asyncio.Future[None]]] = []
+        self._records: list[tuple[_SeenRow, bytes | None, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         # Partial deliveries are rare: while none was ever stored, delivered_to() need not ask.
         self._partials = True
@@ -243,12 +249,22 @@ class State:
         return await self._run(q)
 
     async def record(
-        self, account: str, folder: str, uidvalidity: int, uid: str, digest: str | None = None
+        self,
+        account: str,
+        folder: str,
+        uidvalidity: int,
+        uid: str,
+        digest: str | None = None,
+        *,
+        content: bytes | None = None,
     ) -> None:
         """Remember a delivered message; committed when this returns. The digest of its bytes
-        lets a folder whose UIDVALIDITY changed be fetched again without duplicates."""
+        lets a folder whose UIDVALIDITY changed be fetched again without duplicates: given, or
+        computed from ``content`` in the database thread, where hashing (which releases the
+        GIL) runs beside the event loop instead of in it."""
         done = asyncio.get_running_loop().create_future()
-        self._records.append(((account, folder, uidvalidity, uid, time.time(), digest), done))
+        row = (account, folder, uidvalidity, uid, time.time(), digest)
+        self._records.append((row, content, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_records())
         await done
@@ -258,9 +274,13 @@ class State:
         accounts delivering at once, one commit serves many messages."""
         while self._records:
             batch, self._records = self._records, []
-            rows = [row for row, _ in batch]
+            todo = [(row, content) for row, content, _ in batch]
 
-            def q(db: sqlite3.Connection, rows: list[_SeenRow] = rows) -> None:
+            def q(db: sqlite3.Connection, todo: list[tuple[_SeenRow, bytes | None]] = todo) -> None:
+                rows = [
+                    row if content is None or row[5] else (*row[:5], content_digest(content))
+                    for row, content in todo
+                ]
                 with db:
                     db.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?, ?, ?)", rows)
                     if self._partials:
@@ -273,15 +293,15 @@ class State:
             try:
                 await self._run(q)
             except asyncio.CancelledError:
-                for _, done in batch:
+                for _, _, done in batch:
                     done.cancel()
                 raise
             except Exception as e:  # each waiter hears of it; none is told "committed"
-                for _, done in batch:
+                for _, _, done in batch:
                     if not done.done():
                         done.set_exception(e)
             else:
-                for _, done in batch:
+                for _, _, done in batch:
                     if not done.done():
                         done.set_result(None)
 

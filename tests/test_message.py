@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -77,6 +79,24 @@ def test_received_header_is_a_single_folded_header_with_a_date() -> None:
     lines = text.split("\r\n")[:-1]
     assert all(line.startswith("\t") for line in lines[1:]), "continuation lines are folded"
     assert "\r\nX-Injected" not in text, "server-provided text cannot add a header"
+
+
+def test_received_header_dates_the_message_now() -> None:
+    before = time.time()
+    header = received_header(
+        server="h",
+        server_ip=None,
+        local_host="l",
+        protocol="POP3",
+        tls="none",
+        recipients=("a@b", "c@d"),
+        message_id="1",
+        account="x",
+    )
+    after = time.time()
+    date = email.utils.parsedate_to_datetime(header.decode().rsplit("\t", 1)[1].strip())
+    assert int(before) <= date.timestamp() <= after
+    assert date.utcoffset() == datetime.now(UTC).astimezone().utcoffset(), "in local time"
 
 
 @example([b"a", b"\r", b"b", b"\n", b"c", b"\r\n"])  # CR and LF alternate, not adjacent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +19,26 @@ async def test_records_made_at_once_are_all_committed(tmp_path: Path) -> None:
     # Committed when record() returns: another connection sees every row at once.
     with sqlite3.connect(path) as other:
         assert other.execute("SELECT count(*) FROM seen").fetchone() == (200,)
+    await state.close()
+
+
+async def test_the_digest_of_the_content_is_stored(tmp_path: Path) -> None:
+    """Given the message bytes, the state hashes them (in its own thread): the digest that
+    recognises the message after a UIDVALIDITY change is the SHA-256 of exactly those bytes."""
+    path = str(tmp_path / "state.db")
+    state = await State.open(path)
+    body = b"Subject: x\r\n\r\n" + bytes(range(256)) * 100
+    await asyncio.gather(
+        state.record("a", "INBOX", 7, "1", content=body),
+        state.record("a", "INBOX", 7, "2", "given", content=body),  # a given digest stands
+        state.record("a", "INBOX", 7, "3"),
+    )
+    with sqlite3.connect(path) as db:
+        rows = dict(db.execute("SELECT uid, digest FROM seen WHERE uidvalidity=7").fetchall())
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    assert rows == {"1": digest, "2": "given", "3": None}
+    await state.set_uidvalidity("a", "INBOX", 8)  # the UIDs are void, the digests stay known
+    assert await state.known_digests("a", "INBOX") == {digest, "given"}
     await state.close()
 
 
