@@ -186,11 +186,16 @@ def _wire(parts: Sequence[bytes]) -> list[bytes]:
     return [_STUFFING.sub(b"..", normalize_line_endings(p)) for p in parts if p] or [b"\r\n"]
 
 
-@functools.lru_cache(maxsize=1024)
 def _quoted(address: str) -> str:
     """aiosmtplib's checked and quoted address, remembered: an account sends to the same
-    recipients, and often from the same senders, message after message."""
-    return aiosmtplib.email.quote_address(address)
+    recipients, and often from the same senders, message after message. Only addresses of
+    a sane length are remembered: a sender comes from the message's Return-Path."""
+    if len(address) > 320:
+        return aiosmtplib.email.quote_address(address)
+    return _quoted_cached(address)
+
+
+_quoted_cached = functools.lru_cache(maxsize=1024)(aiosmtplib.email.quote_address)
 
 
 class _SMTP(aiosmtplib.SMTP):

@@ -632,8 +632,10 @@ class IMAPClient:
             for uid in missing:  # not trusted from that response: asked for again, alone
                 found.update(await self.fetch_many([uid]))
             return found
-        for uid in missing:
-            found[uid] = broken or ProtocolError(f"{self.where}: server sent no body for UID {uid}")
+        for uid in missing:  # most likely expunged meanwhile by another client
+            found[uid] = broken or MessageUnavailable(
+                f"{self.where}: server sent no body for UID {uid} (deleted meanwhile?)"
+            )
         return found
 
     async def delete(self, uids: Iterable[int]) -> None:

@@ -44,7 +44,7 @@ from fetchd.tls import (
 
 log = logging.getLogger("fetchd.poll")
 IDLE_REFRESH = 29 * 60.0
-UNREADABLE_POLLS = 3  # polls in which a message came broken before it is set aside
+UNREADABLE_POLLS = 3  # hours in which a message came broken before it is set aside
 Client = TypeVar("Client", POP3Client, IMAPClient)
 
 
@@ -527,23 +527,22 @@ class Poller:
     async def _unreadable(
         self, error: ProtocolError, folder: str, uidvalidity: int, key: str, ident: str
     ) -> None:
-        """A message the server sends in a form that does not add up: skipped, so that it
-        does not hold back the others; after UNREADABLE_POLLS polls it is set aside, kept on
-        the server and listed by `fetchd status`, so it is not fetched again forever."""
+        """A message the server sent in a form that does not add up, in a poll where others
+        came whole: skipped, so that it does not hold back the others. Broken in
+        UNREADABLE_POLLS different hours, it is set aside: kept on the server, listed by
+        `fetchd status`, not fetched again. (When nothing at all comes whole, the poll fails
+        instead and nothing is counted: a server-wide fault must not set mail aside.)"""
         a = self.account
         problem = str(error).removeprefix(f"{self.where}: ")
-        polls = 1
-        mark = self.state.notice
-        while polls < UNREADABLE_POLLS and not await mark(
-            a.name, folder, uidvalidity, key, f"unreadable {polls}"
-        ):
-            polls += 1
-        if polls < UNREADABLE_POLLS:
+        hour = int(time.time() // 3600)
+        await self.state.notice(a.name, folder, uidvalidity, key, f"unreadable {hour}")
+        hours = await self.state.notices(a.name, folder, uidvalidity, key, "unreadable ")
+        if hours < UNREADABLE_POLLS:
             self._skip(f"message {ident} came broken ({problem}); kept, tried again next poll")
             return
         text = (
-            f"{self.where}: message {ident} came broken in {polls} polls ({problem}); kept on "
-            "the server and not fetched again — check it with a mail client"
+            f"{self.where}: message {ident} came broken in {hours} different hours ({problem}); "
+            "kept on the server and not fetched again — check it with a mail client"
         )
         await self.state.record_rejected(a.name, folder, uidvalidity, key, -1, text)
         self.result.unreadable += 1
@@ -623,6 +622,8 @@ class Poller:
         deferred: DeliveryDeferred | None = None
         fresh: list[int] = []  # delivered in this poll
         fetched: dict[int, bytes | TemporaryError] = {}
+        broken: list[tuple[int, ProtocolError]] = []  # came in a form that does not add up
+        intact = 0  # came whole
         for n, uid in enumerate(new):
             if uid not in fetched:
                 fetched = await client.fetch_many(_batch(new[n:], sizes))
@@ -631,11 +632,12 @@ class Poller:
                 self._skip(str(got).removeprefix(f"{self.where}: "))
                 continue
             if isinstance(got, ProtocolError):  # the session is in step: only this one is bad
-                await self._unreadable(got, folder, status.uidvalidity, str(uid), f"{folder}/{uid}")
+                broken.append((uid, got))
                 continue
             if isinstance(got, Exception):
                 raise got
             body = got
+            intact += 1
             digest = content_digest(body) if digests else None  # else hashed by the state
             if digest in digests:  # delivered before the UIDVALIDITY changed
                 await self.state.record(a.name, folder, status.uidvalidity, str(uid), digest)
@@ -663,6 +665,10 @@ class Poller:
                     done.append(uid)
             if self.stopping():
                 break
+        if broken and not intact:  # nothing came whole: the server, not a message, is unwell
+            raise broken[0][1]
+        for uid, error in broken:
+            await self._unreadable(error, folder, status.uidvalidity, str(uid), f"{folder}/{uid}")
         on_server = {str(u) for u in uids}
         action = a.after_delivery
         if changed:

@@ -12,6 +12,7 @@ never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import copy
 import fcntl
 import hashlib
 import os
@@ -297,9 +298,11 @@ class State:
                     done.cancel()
                 raise
             except Exception as e:  # each waiter hears of it; none is told "committed"
+                # Each its own copy, without a traceback: the frames a shared one collects
+                # hold every message of the batch (other accounts' mail) until the next poll.
                 for _, _, done in batch:
                     if not done.done():
-                        done.set_exception(e)
+                        done.set_exception(copy.copy(e).with_traceback(None))
             else:
                 for _, _, done in batch:
                     if not done.done():
@@ -432,6 +435,21 @@ class State:
                     (account, folder, uidvalidity, uid, what),
                 )
             return cursor.rowcount == 1
+
+        return await self._run(q)
+
+    async def notices(
+        self, account: str, folder: str, uidvalidity: int, uid: str, prefix: str
+    ) -> int:
+        """How many different things starting with ``prefix`` were said about a message."""
+
+        def q(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT count(*) FROM noticed WHERE account=? AND folder=? AND uidvalidity=? "
+                "AND uid=? AND substr(what, 1, ?)=?",
+                (account, folder, uidvalidity, uid, len(prefix), prefix),
+            ).fetchone()
+            return int(row[0])
 
         return await self._run(q)
 

@@ -96,8 +96,10 @@ def status(state_file: str, names: list[str] | None, problem: str | None = None)
 def _kept(s: AccountStatus | None) -> str:
     if s is None or not (s.refused or s.held or s.broken):
         return "-"
-    text = f"{s.refused}" + (f"+{s.held} held" if s.held else "")
-    return text + (f"+{s.broken} broken" if s.broken else "")
+    parts = [f"{s.refused}"] if s.refused else []
+    parts += [f"{s.held} held"] if s.held else []
+    parts += [f"{s.broken} broken"] if s.broken else []
+    return "+".join(parts)
 
 
 def _cut(text: str, limit: int) -> str:

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from fetchd.deliver import (
     _PeriodStuffing,
+    _quoted,
+    _quoted_cached,
     _slow_normalize,
     _slow_period,
     _wire,
@@ -129,3 +131,15 @@ def test_a_message_sent_in_parts_is_the_bytes_aiosmtplib_would_send_whole(
 def test_only_the_last_part_may_end_without_crlf() -> None:
     with pytest.raises(ValueError, match="must end with CRLF"):
         _wire([b"Received: x", b"body\r\n"])
+
+
+def test_quoted_addresses_are_remembered_only_when_short() -> None:
+    """A Return-Path of any length becomes the sender: only sane ones stay in the cache."""
+    before = _quoted_cached.cache_info().currsize
+    assert _quoted("x" * 400 + "@example.net") == "<" + "x" * 400 + "@example.net>"
+    assert _quoted_cached.cache_info().currsize == before
+    assert _quoted("alice@example.net") == "<alice@example.net>"
+    assert _quoted_cached.cache_info().currsize == before + 1
+    for _ in range(2):  # a refusal is not remembered as an answer
+        with pytest.raises(ValueError):
+            _quoted("a b@example.net")

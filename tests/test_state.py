@@ -65,6 +65,31 @@ async def test_a_failed_commit_fails_every_record_in_it(tmp_path: Path) -> None:
     await state.close()
 
 
+async def test_a_failed_commit_does_not_keep_the_other_messages_bytes(tmp_path: Path) -> None:
+    """The error every waiter of a group commit gets must not carry, in its traceback, the
+    bytes of the other messages in that commit (other accounts' mail, held until the next
+    poll of each failed account)."""
+    state = await State.open(str(tmp_path / "state.db"))
+    await state._run(lambda db: db.execute("DROP TABLE seen"))
+    bodies = [bytes([n]) * 100_000 for n in range(3)]
+    results = await asyncio.gather(
+        *(state.record("a", "INBOX", 7, str(n), content=b) for n, b in enumerate(bodies)),
+        return_exceptions=True,
+    )
+    await state.close()
+    error = results[0]
+    assert isinstance(error, sqlite3.OperationalError)
+    reachable: list[object] = []
+    tb = error.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            reachable.append(value)
+            if isinstance(value, list | tuple):
+                reachable += [y for x in value for y in (x if isinstance(x, tuple) else (x,))]
+        tb = tb.tb_next
+    assert not any(v is bodies[1] or v is bodies[2] for v in reachable)
+
+
 @pytest.mark.parametrize("reopen", [False, True])
 async def test_partial_deliveries_are_found_also_from_an_earlier_run(
     tmp_path: Path, reopen: bool

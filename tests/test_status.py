@@ -9,8 +9,8 @@ import pytest
 
 from fetchd.config import state_file_of
 from fetchd.errors import StateBusy
-from fetchd.state import State
-from fetchd.status import health, status
+from fetchd.state import AccountStatus, State
+from fetchd.status import _kept, health, status
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,9 @@ async def test_status_and_health_tell_what_the_state_knows(
     finally:
         await state.close()
     assert health(str(tmp_path / "missing.sqlite3")) == 1
+
+
+def test_kept_column_counts_each_kind() -> None:
+    assert _kept(None) == "-"
+    assert _kept(AccountStatus("a", refused=1, held=2, broken=3)) == "1+2 held+3 broken"
+    assert _kept(AccountStatus("a", broken=2)) == "2 broken", "no refused count of 0"
