@@ -595,7 +595,8 @@ class Poller:
                     a.name, folder, status.uidvalidity, [str(u) for u in current]
                 )
                 return
-        digests = await self.state.known_digests(a.name, folder) if changed else set()
+        # Until a poll has gone through the whole folder, not only in the first one after it.
+        digests = await self.state.known_digests(a.name, folder)
         uids = await client.uids() if status.exists else []
         seen = await self.state.seen(a.name, folder, status.uidvalidity)
         rejected = await self.state.rejected(a.name, folder, status.uidvalidity)
@@ -614,11 +615,14 @@ class Poller:
             new = [int(m.uid) for m in small]
             if a.limit_delete:
                 expired += [int(m.uid) for m in big]
+        whole = True  # every new message gets its turn in this poll
         if self._budget is not None:
+            whole = len(new) <= self._budget
             new = new[: self._budget]
             self._budget -= len(new)
         if len(new) > 1 and not sizes:
             sizes = await client.sizes(new)
+        skipped = self.result.skipped
         deferred: DeliveryDeferred | None = None
         fresh: list[int] = []  # delivered in this poll
         fetched: dict[int, bytes | TemporaryError] = {}
@@ -664,11 +668,14 @@ class Poller:
                 if uid not in done:
                     done.append(uid)
             if self.stopping():
+                whole = False
                 break
         if broken and not intact:  # nothing came whole: the server, not a message, is unwell
             raise broken[0][1]
         for uid, error in broken:
             await self._unreadable(error, folder, status.uidvalidity, str(uid), f"{folder}/{uid}")
+        if digests and whole and not deferred and not broken and self.result.skipped == skipped:
+            await self.state.forget_digests(a.name, folder)  # every message was seen again
         on_server = {str(u) for u in uids}
         action = a.after_delivery
         if changed:

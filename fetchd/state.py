@@ -395,6 +395,15 @@ class State:
 
         return await self._run(q)
 
+    async def forget_digests(self, account: str, folder: str) -> None:
+        """Once every message of a folder was seen under its new UIDVALIDITY."""
+
+        def q(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM digests WHERE account=? AND folder=?", (account, folder))
+
+        await self._run(q)
+
     async def record_many(
         self, account: str, folder: str, uidvalidity: int, uids: list[str]
     ) -> None:

@@ -955,6 +955,29 @@ async def test_imap_changed_uidvalidity_refetches_but_loses_nothing(
     assert bodies(sink) == [msg(1), msg(2)]
 
 
+async def test_imap_changed_uidvalidity_is_remembered_beyond_a_cut_short_poll(
+    configs: ConfigWriter,
+) -> None:
+    """After a UIDVALIDITY change, messages delivered before are recognised by their digest in
+    every poll until one has gone through the whole folder, not only in the first one (here
+    fetch_limit cuts each poll to one message)."""
+    server = FakeIMAP({1: msg(1), 2: msg(2), 3: msg(3)})
+    async with imap_setup(configs, server, keep=True, fetch_limit=1) as (config, sink):
+        for _ in range(3):
+            assert (await poll(config)).ok
+        assert bodies(sink) == [msg(1), msg(2), msg(3)]
+        server.uidvalidity = 43
+        server.mailbox[4] = msg(4)
+        outcomes = [await poll(config) for _ in range(5)]
+    assert all(o.ok for o in outcomes), [o.line() for o in outcomes]
+    assert bodies(sink) == [msg(1), msg(2), msg(3), msg(4)], "none delivered twice"
+    state = await State.open(str(configs.directory / "state.sqlite3"))
+    try:
+        assert await state.known_digests("victim", "INBOX") == set(), "forgotten when done"
+    finally:
+        await state.close()
+
+
 async def test_imap_absurd_uidvalidity_is_a_protocol_error(configs: ConfigWriter) -> None:
     server = FakeIMAP({1: msg(1)}, uidvalidity=10**25)
     async with imap_setup(configs, server) as (config, _sink):
