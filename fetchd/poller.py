@@ -485,7 +485,8 @@ class Poller:
             self.result.deleted += len(to_delete)
             on_server -= {m.uid for m in to_delete}
             if complete:  # keys of duplicates not fetched this time are unknown: keep them
-                await self.state.forget(a.name, "", 0, (seen | rejected) - on_server)
+                noticed = await self.state.noticed(a.name, "", 0)
+                await self.state.forget(a.name, "", 0, (seen | rejected | noticed) - on_server)
             if deferred is not None:
                 raise deferred
             return more
@@ -694,7 +695,9 @@ class Poller:
             await client.delete(gone)
             self.result.deleted += len(gone)
             on_server -= {str(u) for u in gone}
-        await self.state.forget(a.name, folder, status.uidvalidity, (seen | rejected) - on_server)
+        noticed = await self.state.noticed(a.name, folder, status.uidvalidity)
+        remembered = seen | rejected | noticed
+        await self.state.forget(a.name, folder, status.uidvalidity, remembered - on_server)
         if deferred is not None:
             raise deferred
 

@@ -447,6 +447,19 @@ class State:
 
         return await self._run(q)
 
+    async def noticed(self, account: str, folder: str, uidvalidity: int) -> set[str]:
+        """UIDs something was said about (a size warning, a broken copy), to be forgotten
+        with the others once the message left the server."""
+
+        def q(db: sqlite3.Connection) -> set[str]:
+            rows = db.execute(
+                "SELECT DISTINCT uid FROM noticed WHERE account=? AND folder=? AND uidvalidity=?",
+                (account, folder, uidvalidity),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(q)
+
     async def notices(
         self, account: str, folder: str, uidvalidity: int, uid: str, prefix: str
     ) -> int:

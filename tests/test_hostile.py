@@ -978,6 +978,30 @@ async def test_imap_changed_uidvalidity_is_remembered_beyond_a_cut_short_poll(
         await state.close()
 
 
+async def test_what_was_noticed_about_a_message_is_forgotten_when_it_is_gone(
+    configs: ConfigWriter,
+) -> None:
+    """A message never fetched (too big) leaves a note in the state; once another client
+    deletes it, the note goes too, so the state does not grow with a busy shared mailbox."""
+    server = FakeIMAP({1: msg(1, size=5000), 2: msg(2)})
+    async with imap_setup(configs, server, limit=1000) as (config, sink):
+        assert (await poll(config)).ok
+        path = str(configs.directory / "state.sqlite3")
+        state = await State.open(path)
+        try:
+            assert await state.noticed("victim", "INBOX", 42) == {"1"}
+        finally:
+            await state.close()
+        del server.mailbox[1]
+        assert (await poll(config)).ok
+    state = await State.open(path)
+    try:
+        assert await state.noticed("victim", "INBOX", 42) == set()
+    finally:
+        await state.close()
+    assert bodies(sink) == [msg(2)]
+
+
 async def test_imap_absurd_uidvalidity_is_a_protocol_error(configs: ConfigWriter) -> None:
     server = FakeIMAP({1: msg(1)}, uidvalidity=10**25)
     async with imap_setup(configs, server) as (config, _sink):
