@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return _probe(args)
     if args.command in ("status", "health"):
         return _status(args.command, args.config)
+    if args.command == "release":
+        return _release(args.config, args.accounts)
     try:
         config = _load(args.config)
     except ConfigError as e:
@@ -107,6 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "health", parents=[common], help="exit 0 if the daemon for this configuration is alive"
     )
+    r = sub.add_parser(
+        "release",
+        parents=[common],
+        help="fetch again, at the next poll, the mail `status` lists as kept on the server",
+        description="Forget why mail was kept on the server (refused by the MTA, held after it "
+        "went silent, sent broken by the server), so that the next poll fetches it again. For "
+        "after the cause was dealt with. Run it as the user the daemon runs as.",
+    )
+    r.add_argument("accounts", nargs="+", metavar="ACCOUNT", help="account names")
     sub.add_parser(
         "import-fetchmailrc",
         help="turn a .fetchmailrc into a fetchd configuration (see its --help)",
@@ -189,6 +200,22 @@ def _status(command: str, path: str) -> int:
     except ConfigError as e:
         names, problem = None, str(e)
     return status(state_file, names, problem)
+
+
+def _release(path: str, accounts: list[str]) -> int:
+    from fetchd.state import release
+
+    try:
+        released = release(state_file_of(path), accounts)
+    except ConfigError as e:
+        print(f"fetchd release: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    for account, count in released.items():
+        if count:
+            print(f"{account}: {count} kept on the server, fetched again at the next poll")
+        else:
+            print(f"{account}: nothing was kept on the server")
+    return EXIT_OK
 
 
 def _load(path: str) -> Config:

@@ -622,6 +622,52 @@ class DaemonStatus:
     reload_error: str | None
 
 
+def release(path: str, accounts: Iterable[str]) -> dict[str, int]:
+    """Forget why mail was kept on the server (refused by the MTA, held after it went silent,
+    sent broken), so the next poll fetches it again: for `fetchd release`, after the cause was
+    dealt with. Works beside a running daemon; returns how many messages each account had.
+
+    Only the owner of the state file may do it: a write by another user (root) could leave
+    journal files the daemon cannot open.
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"no state file at {path}: fetchd has not run with this configuration")
+    owner = os.stat(path).st_uid
+    if os.geteuid() != owner:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(owner).pw_name
+        except (ImportError, KeyError):
+            name = str(owner)
+        raise ConfigError(
+            f"the state file {path} belongs to user {name}: run this as that user "
+            f"(runuser -u {name} -- fetchd release ...)"
+        )
+    released: dict[str, int] = {}
+    try:
+        db = sqlite3.connect(path, timeout=10)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise ConfigError(f"state file {path} has schema {version}, not {SCHEMA_VERSION}")
+            with db:
+                for account in accounts:
+                    cursor = db.execute("DELETE FROM rejected WHERE account=?", (account,))
+                    released[account] = cursor.rowcount
+                    db.execute(
+                        "DELETE FROM noticed WHERE account=? AND substr(what, 1, 11)=?",
+                        (account, "unreadable "),
+                    )
+                    # after_timeout: dedupe would hold a released message again at once
+                    db.execute("DELETE FROM uncertain WHERE account=?", (account,))
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise ConfigError(f"cannot change the state file {path}: {e}") from None
+    return released
+
+
 def snapshot(path: str) -> tuple[DaemonStatus | None, dict[str, AccountStatus]]:
     """Read the state for `fetchd status` and `fetchd health`, without writing to it.
 

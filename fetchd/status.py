@@ -90,6 +90,7 @@ def status(state_file: str, names: list[str] | None, problem: str | None = None)
         )
         for line in problems:
             print(f"  {_cut(line, 300)}")
+        print("once the cause is dealt with, `fetchd release ACCOUNT` has them fetched again")
     return 0
 
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from fetchd.config import load, state_file_of
 from fetchd.deliver import _Protocol
 from fetchd.errors import DeliveryDeferred, DeliveryUncertain
+from fetchd.state import release
 from fetchd.supervisor import Outcome
 from tests.conftest import ConfigWriter, as_delivered, corpus_messages, strip_received
 from tests.support.dovecot import Dovecot
@@ -554,6 +556,13 @@ async def test_no_reply_after_the_final_dot(
         dovecot.deliver(mailbox_user, [b"Message-ID: <other@test>\n\nother\n"])
         (outcome,) = await poll_once(config)
         assert len(sink.accepted) == 1 and outcome.ok, outcome.line()
+        # The MTA's log shows it does not have the message: released, both copies go.
+        (name,) = [a.name for a in load(config).accounts]
+        assert release(state_file_of(str(config)), [name]) == {name: 2}
+        (outcome,) = await poll_once(config)
+        assert outcome.ok and outcome.result is not None, outcome.line()
+        assert outcome.result.held == 0 and len(sink.accepted) == 3
+        assert dovecot.count(mailbox_user) == 0
 
 
 async def test_slow_final_reply_with_dedupe_is_not_delivered_twice(

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,7 +29,7 @@ from fetchd.errors import (
     ProtocolError,
     TemporaryError,
 )
-from fetchd.state import State
+from fetchd.state import State, release
 from fetchd.supervisor import Outcome
 from tests.conftest import ConfigWriter
 from tests.support.sink import Sink, smtp_sink
@@ -487,6 +490,57 @@ async def test_pop3_uid_with_spaces_does_not_collide(configs: ConfigWriter) -> N
         server.mailbox = [(b"abc 2", msg(2))]
         await poll(config)
     assert server.mailbox != [] or bodies(sink) == [msg(1), msg(2)], "message 2 was lost"
+
+
+async def test_release_fetches_kept_mail_again(configs: ConfigWriter) -> None:
+    """A message the MTA refused for good is kept on the server and not fetched again, until
+    `fetchd release` says the cause was dealt with; the next poll then delivers it."""
+    server = FakePOP3([(b"u1", msg(1)), (b"u2", msg(2))])
+    async with mta() as sink, serve(server.handle) as port:
+        original = sink.handle_DATA
+
+        async def picky(srv: Any, session: Any, envelope: Any) -> str:
+            if b"message 1" in envelope.original_content:
+                return "554 5.7.1 policy says no"
+            result: str = await original(srv, session, envelope)
+            return result
+
+        sink.handle_DATA = picky  # type: ignore[method-assign]
+        config = write_config(configs, "pop3", port, sink.port)
+        first = await poll(config)
+        assert first.ok and first.result is not None and first.result.rejected == 1
+        second = await poll(config)
+        assert second.ok and bodies(sink) == [msg(2)], "kept, not fetched again"
+        sink.handle_DATA = original  # type: ignore[method-assign]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fetchd",
+            "release",
+            "-c",
+            str(config),
+            "victim",
+            "nobody",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        assert out.decode().splitlines() == [
+            "victim: 1 kept on the server, fetched again at the next poll",
+            "nobody: nothing was kept on the server",
+        ]
+        last = await poll(config)
+    assert last.ok, last.line()
+    assert bodies(sink) == [msg(2), msg(1)] and server.mailbox == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
+def test_release_refuses_to_write_another_users_state(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    sqlite3.connect(path).close()
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match=r"belongs to user .*runuser -u"):
+        release(str(path), ["a"])
 
 
 async def test_pop3_duplicate_uids_never_lose_a_message(configs: ConfigWriter) -> None:
