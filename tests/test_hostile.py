@@ -79,6 +79,24 @@ async def mta(**kwargs: Any) -> AsyncIterator[Sink]:
         yield sink
 
 
+def refuse(sink: Sink, marker: bytes, reply: str) -> Callable[[], None]:
+    """Make the sink answer ``reply`` to messages containing ``marker``; returns the undo."""
+    original = sink.handle_DATA
+
+    async def picky(srv: Any, session: Any, envelope: Any) -> str:
+        if marker in envelope.original_content:
+            return reply
+        result: str = await original(srv, session, envelope)
+        return result
+
+    sink.handle_DATA = picky  # type: ignore[method-assign]
+
+    def undo() -> None:
+        sink.handle_DATA = original  # type: ignore[method-assign]
+
+    return undo
+
+
 def write_config(
     configs: ConfigWriter, protocol: str, port: int, smtp_port: int, **extra: Any
 ) -> Path:
@@ -497,21 +515,13 @@ async def test_release_fetches_kept_mail_again(configs: ConfigWriter) -> None:
     `fetchd release` says the cause was dealt with; the next poll then delivers it."""
     server = FakePOP3([(b"u1", msg(1)), (b"u2", msg(2))])
     async with mta() as sink, serve(server.handle) as port:
-        original = sink.handle_DATA
-
-        async def picky(srv: Any, session: Any, envelope: Any) -> str:
-            if b"message 1" in envelope.original_content:
-                return "554 5.7.1 policy says no"
-            result: str = await original(srv, session, envelope)
-            return result
-
-        sink.handle_DATA = picky  # type: ignore[method-assign]
+        undo = refuse(sink, b"message 1", "554 5.7.1 policy says no")
         config = write_config(configs, "pop3", port, sink.port)
         first = await poll(config)
         assert first.ok and first.result is not None and first.result.rejected == 1
         second = await poll(config)
         assert second.ok and bodies(sink) == [msg(2)], "kept, not fetched again"
-        sink.handle_DATA = original  # type: ignore[method-assign]
+        undo()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -546,20 +556,12 @@ def test_release_refuses_to_write_another_users_state(tmp_path: Path) -> None:
 async def test_pop3_duplicate_uids_never_lose_a_message(configs: ConfigWriter) -> None:
     server = FakePOP3([(b"dup", msg(1)), (b"dup", msg(2))])
     async with mta() as sink, serve(server.handle) as port:
-        original = sink.handle_DATA
-
-        async def picky(srv: Any, session: Any, envelope: Any) -> str:
-            if b"message 2" in envelope.original_content:
-                return "451 4.3.0 try later"
-            result: str = await original(srv, session, envelope)
-            return result
-
-        sink.handle_DATA = picky  # type: ignore[method-assign]
+        undo = refuse(sink, b"message 2", "451 4.3.0 try later")
         config = write_config(configs, "pop3", port, sink.port)
         first = await poll(config)
         assert isinstance(first.error, DeliveryDeferred), first.line()
         assert [b for _, b in server.mailbox] == [msg(2)]
-        sink.handle_DATA = original  # type: ignore[method-assign]
+        undo()
         await poll(config)
     assert bodies(sink) == [msg(1), msg(2)] or server.mailbox != [], "message 2 was lost"
 
@@ -659,15 +661,7 @@ async def test_pop3_pipelined_retr_with_mta_deferral_deletes_only_delivered(
 
     server = Server([(b"u%d" % i, msg(i, 20000)) for i in range(10)])
     async with mta() as sink, serve(server.handle) as port:
-        original = sink.handle_DATA
-
-        async def picky(srv: Any, session: Any, envelope: Any) -> str:
-            if b"message 4" in envelope.original_content:
-                return "421 4.3.0 shutting down"
-            result: str = await original(srv, session, envelope)
-            return result
-
-        sink.handle_DATA = picky  # type: ignore[method-assign]
+        refuse(sink, b"message 4", "421 4.3.0 shutting down")
         outcome = await poll(write_config(configs, "pop3", port, sink.port))
     assert isinstance(outcome.error, DeliveryDeferred), outcome.line()
     delivered = bodies(sink)
