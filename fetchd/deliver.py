@@ -25,7 +25,7 @@ import aiosmtplib.smtp
 
 from fetchd.config import Delivery
 from fetchd.errors import DeliveryDeferred, DeliveryUncertain
-from fetchd.message import has_8bit
+from fetchd.message import DotFree, has_8bit
 from fetchd.tls import CertificateError, Security, context_for, describe_tls_error
 
 Replies = dict[str, tuple[int, str]]
@@ -94,6 +94,8 @@ class _PeriodStuffing:
     """aiosmtplib's dot-stuffing (``PERIOD_REGEX.sub``), skipped when no line starts with a dot."""
 
     def sub(self, replacement: bytes, message: bytes) -> bytes:
+        if type(message) is DotFree:  # the POP3 reader looked at every line start
+            return message
         if not message.startswith(b".") and not _LINE_DOT.search(message):
             return message
         return _slow_period.sub(replacement, message)

@@ -25,6 +25,11 @@ _ADDRESS = re.compile(
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._@+\-]")
 
 
+class DotFree(bytes):
+    """Message bytes in which no line starts with a dot, as a reader that already looked at
+    every line start (POP3's unstuffing) found them: delivery need not look again."""
+
+
 def header_section(message: bytes) -> bytes:
     """The header part: everything before the first empty line (all of it if there is none)."""
     m = _HEADER_END.search(message)

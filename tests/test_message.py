@@ -18,7 +18,7 @@ from fetchd.deliver import (
     _wire,
     normalize_line_endings,
 )
-from fetchd.message import envelope_sender, has_8bit, header_section, received_header
+from fetchd.message import DotFree, envelope_sender, has_8bit, header_section, received_header
 
 
 @pytest.mark.parametrize(
@@ -143,3 +143,10 @@ def test_quoted_addresses_are_remembered_only_when_short() -> None:
     for _ in range(2):  # a refusal is not remembered as an answer
         with pytest.raises(ValueError):
             _quoted("a b@example.net")
+
+
+def test_a_dot_free_body_is_not_searched_again_unless_normalising_changed_it() -> None:
+    clean = DotFree(b"Subject: x\r\n\r\nno dots here\r\n")
+    assert _wire([clean])[0] is clean, "neither copied nor searched"
+    # A lone CR before a dot becomes a line start once CR becomes CRLF: stuffed all the same.
+    assert _wire([DotFree(b"a\r.b\r\n")]) == [b"a\r\n..b\r\n"]

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fetchd.errors import ProtocolError
+from fetchd.message import DotFree
 from fetchd.pop3.proto import NEED_DATA, POP3Connection, Reply
 
 
@@ -147,6 +148,30 @@ def test_any_body_survives_the_wire_in_any_chunking(
     conn.receive_data(wire + b"+OK\r\n" + trailing)
     assert conn.next_reply() == Reply(True, b"", body)
     assert conn.next_reply() == Reply(True, b"")
+
+
+dotty_bodies = st.lists(
+    st.one_of(
+        st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        st.sampled_from([b".", b"..", b".x", b"x.", b"\r."]),
+    ),
+    max_size=8,
+).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=dotty_bodies, chunk=st.integers(min_value=1, max_value=7))
+def test_a_body_is_marked_dot_free_exactly_when_no_line_starts_with_a_dot(
+    body: bytes, chunk: int
+) -> None:
+    """Delivery skips its own dot check for a DotFree body: the mark must never be wrong."""
+    wire = b"+OK\r\n" + stuff(body) + b".\r\n"
+    for size in (None, 1, chunk):
+        conn = session(("RETR", "1"))
+        (reply,) = feed(conn, wire, chunk=size)
+        assert reply.body == body
+        dot_free = not body.startswith(b".") and b"\n." not in body
+        assert (type(reply.body) is DotFree) == dot_free, reply.body
 
 
 @settings(max_examples=500, deadline=None)

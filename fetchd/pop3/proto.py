@@ -20,12 +20,12 @@ from collections import deque
 from dataclasses import dataclass
 
 from fetchd.errors import ProtocolError
+from fetchd.message import DotFree
 
 MULTILINE_COMMANDS = frozenset({"CAPA", "RETR", "TOP"})
 MULTILINE_WITHOUT_ARGUMENT = frozenset({"LIST", "UIDL"})
 _UNSAFE_ARGUMENT = re.compile(rb"[\x00\r\n]")
 # The end of a multi-line reply: a line holding a single dot.
-_TERMINATOR = re.compile(rb"\n\.\r?\n")
 _UNSTUFF = re.compile(rb"^\.", re.MULTILINE)
 _LINE_DOT = re.compile(rb"\n\.")  # a regex finds this two-byte needle faster than ``in``
 _RESP_CODE = re.compile(rb"^\[([A-Za-z0-9/-]+)\]")
@@ -68,6 +68,7 @@ class POP3Connection:
         self.max_body = max_body
         self._buffer = bytearray()
         self._scanned = 0  # how far the current multi-line body has been searched
+        self._dotted = False  # a line of the current multi-line body starts with a dot
         # What each awaited reply is: "multi" when a +OK to it is followed by a body, "sasl"
         # when "+ " challenges may come before it, else "single".
         self._expect: deque[str] = deque(["single"])  # the greeting
@@ -158,23 +159,42 @@ class POP3Connection:
         return Reply(ok, text)
 
     def _take_body(self, start: int) -> bytes | None:
-        """Cut a complete multi-line body out of the buffer, or None if it has not all come."""
-        # The terminator is "\n.\r\n"; its newline may be the one ending the status line
-        # (empty body) and it may straddle two chunks, hence where the search starts.
+        """Cut a complete multi-line body out of the buffer, or None if it has not all come.
+
+        One pass finds both the terminator (a line holding a single dot) and whether any line
+        starts with a dot: most bodies have none and need neither unstuffing nor, later, the
+        delivery's own check for one (they come back as :class:`DotFree`).
+        """
+        buf = self._buffer
+        # A line start is a newline plus one: the status line's own newline counts (a body
+        # starting with a dot), and a "\n." may straddle two chunks, hence where to start.
         pos = max(start - 1, self._scanned - 4)
-        m = _TERMINATOR.search(self._buffer, pos)
-        if m is None:
-            self._scanned = len(self._buffer)
-            if len(self._buffer) - start > self.max_body:
-                raise ProtocolError(f"message larger than the limit of {self.max_body} bytes")
-            if len(self._buffer) - (self._buffer.rfind(b"\n") + 1) > self.max_line:
-                raise ProtocolError(f"line longer than {self.max_line} bytes")
-            return None
-        with memoryview(self._buffer) as view:  # one copy, not two (a bytearray slice is one)
-            body = bytes(view[start : m.start() + 1])  # keep the newline before the dot
-        del self._buffer[: m.end()]
-        self._scanned = 0
-        # Almost every message has a dot somewhere; few have one starting a line.
-        if body.startswith(b".") or _LINE_DOT.search(body):
-            return _UNSTUFF.sub(b"", body)
-        return body
+        while (m := _LINE_DOT.search(buf, pos)) is not None:
+            i = m.start()
+            after = buf[i + 2 : i + 4]
+            if after[:1] == b"\n" or after == b"\r\n":  # the terminator
+                # One copy, not two (a bytearray slice is one); the newline before the dot stays.
+                with memoryview(buf) as view, view[start : i + 1] as raw:
+                    body = bytes(raw) if self._dotted else DotFree(raw)
+                del buf[: i + 2 + (1 if after[:1] == b"\n" else 2)]
+                self._scanned = 0
+                if self._dotted:
+                    self._dotted = False
+                    return _UNSTUFF.sub(b"", body)
+                return body
+            if after == b"" or after == b"\r":  # that line's end has not come yet
+                self._scanned = i
+                self._check_limits(start)
+                return None
+            self._dotted = True  # a stuffed line
+            pos = i + 2
+        self._scanned = len(buf)
+        self._check_limits(start)
+        return None
+
+    def _check_limits(self, start: int) -> None:
+        """A body still coming must stay within the size and line-length limits."""
+        if len(self._buffer) - start > self.max_body:
+            raise ProtocolError(f"message larger than the limit of {self.max_body} bytes")
+        if len(self._buffer) - (self._buffer.rfind(b"\n") + 1) > self.max_line:
+            raise ProtocolError(f"line longer than {self.max_line} bytes")
