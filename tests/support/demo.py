@@ -32,7 +32,11 @@ def subject_of(message: bytes) -> str:
     m = re.search(rb"(?im)^Subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", message.split(b"\r\n\r\n")[0])
     if not m:
         return "(no subject)"
-    raw = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1)).decode("utf-8", "backslashreplace")
+    folded = re.sub(rb"\r?\n[ \t]+", b" ", m.group(1))
+    try:
+        raw = folded.decode("utf-8")
+    except UnicodeDecodeError:  # undeclared 8-bit text: most often Latin-1
+        raw = folded.decode("latin-1")
     try:
         text = str(make_header(decode_header(raw)))
     except Exception:
