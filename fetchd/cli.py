@@ -205,6 +205,15 @@ def _status(command: str, path: str) -> int:
 def _release(path: str, accounts: list[str]) -> int:
     from fetchd.state import release
 
+    accounts = list(dict.fromkeys(accounts))
+    try:
+        names = {a.name for a in load(path).accounts}
+    except ConfigError:
+        names = None  # a file being edited: the state alone decides
+    unknown = [a for a in accounts if names is not None and a not in names]
+    if unknown:
+        print(f"fetchd release: no account {', '.join(unknown)} in {path}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         released = release(state_file_of(path), accounts)
     except ConfigError as e:

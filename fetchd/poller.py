@@ -485,7 +485,9 @@ class Poller:
             self.result.deleted += len(to_delete)
             on_server -= {m.uid for m in to_delete}
             if complete:  # keys of duplicates not fetched this time are unknown: keep them
-                noticed = await self.state.noticed(a.name, "", 0)
+                # Notes are keyed by UID, shared or not, or by number when there is none.
+                listed = {m.uid or str(m.number) for m in listing}
+                noticed = await self.state.noticed(a.name, "", 0) - listed
                 await self.state.forget(a.name, "", 0, (seen | rejected | noticed) - on_server)
             if deferred is not None:
                 raise deferred
@@ -608,6 +610,9 @@ class Poller:
             old = await self.state.delivered_before(a.name, folder, status.uidvalidity, cutoff)
             expired = [u for u in uids if str(u) in old]
         new = [u for u in uids if (a.fetch_all or str(u) not in seen) and str(u) not in rejected]
+        # Whether every message gets compared with the digests in this poll: not those kept
+        # for being refused or broken, nor those too big.
+        whole = len(new) + len(done) == len(uids)
         sizes: dict[int, int] = {}
         if a.limit and new:
             sizes = await client.sizes(new)
@@ -616,9 +621,9 @@ class Poller:
             new = [int(m.uid) for m in small]
             if a.limit_delete:
                 expired += [int(m.uid) for m in big]
-        whole = True  # every new message gets its turn in this poll
+            whole = whole and not big
         if self._budget is not None:
-            whole = len(new) <= self._budget
+            whole = whole and len(new) <= self._budget
             new = new[: self._budget]
             self._budget -= len(new)
         if len(new) > 1 and not sizes:

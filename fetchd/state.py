@@ -654,7 +654,7 @@ def release(path: str, accounts: Iterable[str]) -> dict[str, int]:
             with db:
                 for account in accounts:
                     cursor = db.execute("DELETE FROM rejected WHERE account=?", (account,))
-                    released[account] = cursor.rowcount
+                    released[account] = released.get(account, 0) + cursor.rowcount
                     db.execute(
                         "DELETE FROM noticed WHERE account=? AND substr(what, 1, 11)=?",
                         (account, "unreadable "),

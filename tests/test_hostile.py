@@ -530,14 +530,12 @@ async def test_release_fetches_kept_mail_again(configs: ConfigWriter) -> None:
             "-c",
             str(config),
             "victim",
-            "nobody",
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await proc.communicate()
         assert proc.returncode == 0
         assert out.decode().splitlines() == [
-            "victim: 1 kept on the server, fetched again at the next poll",
-            "nobody: nothing was kept on the server",
+            "victim: 1 kept on the server, fetched again at the next poll"
         ]
         last = await poll(config)
     assert last.ok, last.line()
@@ -551,6 +549,53 @@ def test_release_refuses_to_write_another_users_state(tmp_path: Path) -> None:
     os.chown(path, 65534, 65534)
     with pytest.raises(ConfigError, match=r"belongs to user .*runuser -u"):
         release(str(path), ["a"])
+
+
+async def test_pop3_size_warning_for_a_shared_uid_is_given_once(
+    configs: ConfigWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The note that a message is too big is kept while it is listed, also under a UID that
+    several messages share (known by no usable key of its own)."""
+    caplog.set_level(logging.WARNING)
+    server = FakePOP3([(b"dup", msg(1, size=5000)), (b"dup", msg(2, size=5000)), (b"u3", msg(3))])
+    async with pop3_setup(configs, server, limit=1000, keep=True) as (config, _sink):
+        for _ in range(3):
+            assert (await poll(config)).ok
+    warnings = [r.getMessage() for r in caplog.records if "over the limit" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+async def test_release_names_each_account_once_and_only_configured_ones(
+    configs: ConfigWriter,
+) -> None:
+    config = write_config(configs, "pop3", 1, 2)
+    state = await State.open(str(configs.directory / "state.sqlite3"), lock=True)  # a daemon
+    try:
+        await state.record_rejected("victim", "", 0, "u1", 554, "no")
+        await state.record_rejected("victim2", "", 0, "u2", 554, "no")
+
+        async def release_cli(*names: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "fetchd", "release", "-c", str(config), *names),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        code, out, err = await release_cli("victim", "typo")
+        assert code != 0 and "no account typo" in err and out == ""
+        assert await state.rejected("victim", "", 0) == {"u1"}, "nothing released on an error"
+        code, out, _ = await release_cli("victim", "victim")
+        assert code == 0
+        assert out.splitlines() == ["victim: 1 kept on the server, fetched again at the next poll"]
+        assert await state.rejected("victim", "", 0) == set()
+        assert await state.rejected("victim2", "", 0) == {"u2"}, "another account untouched"
+        code, out, _ = await release_cli("victim")
+        assert (code, out) == (0, "victim: nothing was kept on the server\n")
+    finally:
+        await state.close()
 
 
 async def test_pop3_duplicate_uids_never_lose_a_message(configs: ConfigWriter) -> None:
@@ -1048,6 +1093,23 @@ async def test_what_was_noticed_about_a_message_is_forgotten_when_it_is_gone(
     finally:
         await state.close()
     assert bodies(sink) == [msg(2)]
+
+
+async def test_old_digests_stay_while_a_message_was_not_compared(
+    configs: ConfigWriter,
+) -> None:
+    """A message too big for this poll was not compared with the digests of the old
+    UIDVALIDITY: they stay until it is, so it is not delivered twice once the limit goes."""
+    server = FakeIMAP({1: msg(1, size=5000), 2: msg(2)})
+    async with mta() as sink, serve(server.handle) as port:
+        config = write_config(configs, "imap", port, sink.port, keep=True)
+        assert (await poll(config)).ok
+        server.uidvalidity = 43
+        config = write_config(configs, "imap", port, sink.port, keep=True, limit=1000)
+        assert (await poll(config)).ok
+        config = write_config(configs, "imap", port, sink.port, keep=True)
+        assert (await poll(config)).ok
+    assert bodies(sink) == [msg(1, size=5000), msg(2)], "none delivered twice"
 
 
 async def test_imap_absurd_uidvalidity_is_a_protocol_error(configs: ConfigWriter) -> None:
