@@ -33,7 +33,7 @@ from fetchd.message import envelope_sender, message_digest, received_header, rec
 from fetchd.oauth2 import token_source
 from fetchd.pop3.client import Listing, POP3Client
 from fetchd.sasl import TokenRefused
-from fetchd.state import State, content_digest
+from fetchd.state import BROKEN_CODE, UNREADABLE_NOTE, State, content_digest
 from fetchd.tls import (
     CertificateError,
     Security,
@@ -538,8 +538,8 @@ class Poller:
         a = self.account
         problem = str(error).removeprefix(f"{self.where}: ")
         hour = int(time.time() // 3600)
-        await self.state.notice(a.name, folder, uidvalidity, key, f"unreadable {hour}")
-        hours = await self.state.notices(a.name, folder, uidvalidity, key, "unreadable ")
+        await self.state.notice(a.name, folder, uidvalidity, key, f"{UNREADABLE_NOTE}{hour}")
+        hours = await self.state.notices(a.name, folder, uidvalidity, key, UNREADABLE_NOTE)
         if hours < UNREADABLE_POLLS:
             self._skip(f"message {ident} came broken ({problem}); kept, tried again next poll")
             return
@@ -547,7 +547,7 @@ class Poller:
             f"{self.where}: message {ident} came broken in {hours} different hours ({problem}); "
             "kept on the server and not fetched again — check it with a mail client"
         )
-        await self.state.record_rejected(a.name, folder, uidvalidity, key, -1, text)
+        await self.state.record_rejected(a.name, folder, uidvalidity, key, BROKEN_CODE, text)
         self.result.unreadable += 1
         self.result.problems.append(text)
         log.error("%s", text)

@@ -16,6 +16,7 @@ import copy
 import fcntl
 import hashlib
 import os
+import pwd
 import sqlite3
 import stat
 import time
@@ -120,6 +121,13 @@ _ACCOUNT_TABLES = (
 
 
 _SeenRow = tuple[str, str, int, str, float, str | None]
+
+
+# A message the server sent broken is noted once an hour as "unreadable <hour>"; kept on the
+# server for that reason, its row in `rejected` has this code (refusals have the MTA's, 0 is
+# held after the MTA went silent).
+UNREADABLE_NOTE = "unreadable "
+BROKEN_CODE = -1
 
 
 def content_digest(content: bytes) -> str:
@@ -635,10 +643,8 @@ def release(path: str, accounts: Iterable[str]) -> dict[str, int]:
     owner = os.stat(path).st_uid
     if os.geteuid() != owner:
         try:
-            import pwd
-
             name = pwd.getpwuid(owner).pw_name
-        except (ImportError, KeyError):
+        except KeyError:
             name = str(owner)
         raise ConfigError(
             f"the state file {path} belongs to user {name}: run this as that user "
@@ -656,8 +662,8 @@ def release(path: str, accounts: Iterable[str]) -> dict[str, int]:
                     cursor = db.execute("DELETE FROM rejected WHERE account=?", (account,))
                     released[account] = released.get(account, 0) + cursor.rowcount
                     db.execute(
-                        "DELETE FROM noticed WHERE account=? AND substr(what, 1, 11)=?",
-                        (account, "unreadable "),
+                        "DELETE FROM noticed WHERE account=? AND substr(what, 1, ?)=?",
+                        (account, len(UNREADABLE_NOTE), UNREADABLE_NOTE),
                     )
                     # after_timeout: dedupe would hold a released message again at once
                     db.execute("DELETE FROM uncertain WHERE account=?", (account,))
@@ -716,7 +722,7 @@ def _snapshot(db: sqlite3.Connection) -> tuple[DaemonStatus | None, dict[str, Ac
             base,
             refused=sum(1 for code, _ in items if code > 0),
             held=sum(1 for code, _ in items if code == 0),
-            broken=sum(1 for code, _ in items if code < 0),
+            broken=sum(1 for code, _ in items if code == BROKEN_CODE),
             reasons=tuple(reason for _, reason in items),
         )
     return daemon, accounts
